@@ -1,0 +1,297 @@
+"""One run's configuration: every field has a one-line docstring, which is also its `--help` text.
+
+Read top to bottom: model and task, adapter, token credit, GRPO, optimiser, evaluation, run bookkeeping.
+`RunConfig.__post_init__` validates and says what to change. Presets (`PRESETS`) are plain field overrides.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import textwrap
+from dataclasses import dataclass, fields
+from typing import Any
+
+from arca_lab.credit import CREDITS
+
+SCALINGS = ("alpha/r", "rslora", "const")
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
+LAYER_AGGREGATES = ("mean", "max", "sum", "rms")
+
+
+@dataclass
+class RunConfig:
+    # --- model and task -------------------------------------------------------------------------------
+    model: str = "embedded"
+    """HF causal-LM id or local directory; "embedded" builds (once, cached) the tiny Qwen3 default."""
+    task: str = "arith"
+    """Verifiable task: "arith" (embedded multi-step arithmetic) or "math" (boxed answers, math-verify)."""
+    data: str | None = None
+    """Task "math": a local JSONL (problem, solution) or an HF datasets id; unused for "arith"."""
+    # --- adapter ----------------------------------------------------------------------------------------
+    rank: int = 8
+    """LoRA rank r (> 0)."""
+    alpha: str = "2r"
+    """LoRA alpha: a number, or a multiple of the rank written like "2r" (ARCA paper) or "r" (MERL)."""
+    scaling: str = "alpha/r"
+    """Adapter scale s: "alpha/r" (peft default), "rslora" (alpha/sqrt(r)) or "const" (s = alpha for every r)."""
+    target_modules: str = "all-linear"
+    """Adapted modules: "all-linear", "lm_head" (head-only, found via get_output_embeddings), or a comma list."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch input (the ARCA paper used 0.05); must be 0 when lm_head is adapted."""
+    # --- token credit -----------------------------------------------------------------------------------
+    credit: str = "uniform"
+    """Token credit: uniform, surprisal, entropy_reduction, divergence, arca or arca_branch."""
+    sharpening: float = 1.0
+    """Power p on the scores before normalising within a completion (the ARCA paper's runs used 2)."""
+    credit_eps: float = 1e-8
+    """Floor eps added to every score before normalising (ARCA paper eq. normalize)."""
+    arca_layers: str = "last"
+    """Hidden states for arca: "last" (input of lm_head), "all" decoder layers, or comma-separated indices."""
+    layer_aggregate: str = "mean"
+    """How arca / arca_branch combine several layers' residual norms: mean, max, sum or rms."""
+    # --- GRPO -------------------------------------------------------------------------------------------
+    steps: int = 40
+    """Optimiser steps."""
+    prompts_per_step: int = 16
+    """Prompts per optimiser step (each gets num_generations completions)."""
+    num_generations: int = 8
+    """Completions per prompt K (the group of the GRPO advantage)."""
+    grad_accum: int = 1
+    """Gradient-accumulation micro-batches per optimiser step."""
+    temperature: float = 1.0
+    """Sampling temperature (TRL divides the training logits by it too)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_prompt_length: int = 64
+    """Prompts longer than this many tokens are rejected by the task loader."""
+    max_completion_length: int = 40
+    """Maximum new tokens per completion."""
+    beta: float = 0.0
+    """KL penalty coefficient (TRL k3 on sampled tokens); 0 skips TRL's reference pass entirely."""
+    loss_type: str = "grpo"
+    """TRL loss aggregation; "grpo" (per-sequence mean) makes A*T*w the ARCA estimator exactly."""
+    kl_probe: bool = True
+    """Log exact full-vocabulary KL to the base model (both directions) on the sampled completions."""
+    # --- optimiser --------------------------------------------------------------------------------------
+    optimizer: str = "adamw"
+    """Optimiser: adamw or sgd."""
+    lr: float = 2e-3
+    """Peak learning rate (the tiny embedded model needs ~1e-3; the ARCA paper used 5e-6 on 1.7B)."""
+    lr_schedule: str = "constant"
+    """Schedule after warm-up: constant, linear (decay to 0) or cosine (HF schedulers)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm of all adapter parameters at this value; None disables clipping."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) or L2 (SGD)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2 (needs beta1**2 < beta2 for the theory's step bound)."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    # --- evaluation -------------------------------------------------------------------------------------
+    eval_prompts: int = 128
+    """Held-out prompts scored before and after training (greedy accuracy and pass@k)."""
+    pass_k: int = 4
+    """k of pass@k (k samples per held-out prompt at the sampling temperature)."""
+    # --- run ---------------------------------------------------------------------------------------------
+    seed: int = 0
+    """Seed for data order, sampling and adapter initialisation."""
+    out: str = "runs/run"
+    """Output directory (config.json, adapter/, run.nc); must not exist unless overwrite."""
+    overwrite: bool = False
+    """Replace an existing output directory (only once the new run has finished)."""
+    threads: int = 0
+    """torch CPU threads; 0 means all cores."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu or cuda."""
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: Any, accepted: str) -> ValueError:
+            return ValueError(f"{name}={value!r} is not valid: {accepted}.")
+
+        if self.rank <= 0:
+            raise bad("rank", self.rank, "use a LoRA rank >= 1")
+        self.lora_alpha()  # validates the alpha rule
+        if self.scaling not in SCALINGS:
+            raise bad("scaling", self.scaling, f"choose one of {SCALINGS}")
+        if self.credit not in CREDITS:
+            raise bad("credit", self.credit, f"choose one of {CREDITS}")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", self.optimizer, f"choose one of {OPTIMIZERS}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise bad("lr_schedule", self.lr_schedule, f"choose one of {LR_SCHEDULES}")
+        if self.loss_type not in LOSS_TYPES:
+            raise bad("loss_type", self.loss_type, f"choose one of {LOSS_TYPES}")
+        if self.layer_aggregate not in LAYER_AGGREGATES:
+            raise bad("layer_aggregate", self.layer_aggregate, f"choose one of {LAYER_AGGREGATES}")
+        if self.sharpening <= 0:
+            raise bad("sharpening", self.sharpening, "use a power > 0 (1 = none, 2 = the ARCA paper's runs)")
+        if self.credit_eps < 0:
+            raise bad("credit_eps", self.credit_eps, "use a floor >= 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise bad("lr", self.lr, "use a finite learning rate > 0")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise bad("grad_clip", self.grad_clip, "use a positive norm, or None to disable clipping")
+        if not self.adam_beta1**2 < self.adam_beta2 < 1:
+            raise bad("adam_beta2", self.adam_beta2, "need adam_beta1**2 < adam_beta2 < 1")
+        if self.num_generations < 2:
+            raise bad("num_generations", self.num_generations, "GRPO needs >= 2 completions per prompt")
+        for name in ("steps", "prompts_per_step", "grad_accum", "max_completion_length", "max_prompt_length"):
+            if getattr(self, name) < 1:
+                raise bad(name, getattr(self, name), "use a positive integer")
+        if (self.prompts_per_step * self.num_generations) % self.grad_accum:
+            raise bad("grad_accum", self.grad_accum, "it must divide prompts_per_step * num_generations")
+        if self.beta < 0:
+            raise bad("beta", self.beta, "use a KL coefficient >= 0")
+        if not 0 < self.temperature:
+            raise bad("temperature", self.temperature, "use a temperature > 0")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", self.top_p, "use 0 < top_p <= 1")
+        if not 0 <= self.lora_dropout < 1:
+            raise bad("lora_dropout", self.lora_dropout, "use 0 <= dropout < 1")
+        if self.head_adapted and self.lora_dropout > 0:
+            raise bad(
+                "lora_dropout",
+                self.lora_dropout,
+                "an adapted lm_head is trained through its merged weight, which has no dropout: set it to 0",
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise bad("device", self.device, "choose auto, cpu or cuda")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise bad("dtype", self.dtype, "choose auto, float32 or bfloat16")
+        if self.arca_layers not in ("last", "all"):
+            try:
+                [int(i) for i in self.arca_layers.split(",")]
+            except ValueError:
+                raise bad("arca_layers", self.arca_layers, 'use "last", "all" or indices like "0,3"') from None
+        if self.task == "math" and not self.data:
+            raise bad("data", self.data, 'task "math" needs --data (a local JSONL path or an HF dataset id)')
+
+    # --- derived values ---------------------------------------------------------------------------------
+    def lora_alpha(self) -> float:
+        """The numeric alpha: "2r" -> 2 * rank, "r" -> rank, "16" -> 16."""
+        text = str(self.alpha).strip()
+        try:
+            if text.endswith("r"):
+                factor = float(text[:-1]) if text[:-1] else 1.0
+                value = factor * self.rank
+            else:
+                value = float(text)
+        except ValueError:
+            raise ValueError(f'alpha={self.alpha!r} is not valid: use a number or a rank multiple like "2r"') from None
+        if value <= 0:
+            raise ValueError(f"alpha={self.alpha!r} is not valid: it must be > 0")
+        return value
+
+    def adapter_scale(self) -> float:
+        """s in W = W0 + s B A for the chosen scaling rule (peft: alpha/r, or alpha/sqrt(r) with rsLoRA)."""
+        a = self.lora_alpha()
+        return {"alpha/r": a / self.rank, "rslora": a / math.sqrt(self.rank), "const": a}[self.scaling]
+
+    @property
+    def head_adapted(self) -> bool:
+        """Whether lm_head carries an adapter ("all-linear" leaves the output layer out in peft)."""
+        return "lm_head" in [m.strip() for m in self.target_modules.split(",")]
+
+    @property
+    def batch_completions(self) -> int:
+        """Completions per optimiser step."""
+        return self.prompts_per_step * self.num_generations
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; accepted keys: {sorted(known)}")
+        return cls(**data)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ARCA paper (arXiv 2606.00257) setup, Sec. "Setup": Qwen3-1.7B-Base on MATH, 8 prompts x K=4 per step
+    # (2 x 4 accumulation), AdamW 5e-6, 10 warm-up then cosine, alpha = 2r, sharpening 2 (authors' code), 100 steps.
+    "arca-paper": dict(
+        model="Qwen/Qwen3-1.7B-Base",
+        task="math",
+        data="EleutherAI/hendrycks_math",
+        rank=64,
+        alpha="2r",
+        target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        lora_dropout=0.05,
+        credit="arca",
+        sharpening=2.0,
+        steps=100,
+        prompts_per_step=8,
+        num_generations=4,
+        grad_accum=2,
+        temperature=1.0,
+        top_p=0.95,
+        max_prompt_length=512,
+        max_completion_length=512,
+        lr=5e-6,
+        lr_schedule="cosine",
+        warmup_steps=10,
+        grad_clip=1.0,
+        eval_prompts=200,
+        pass_k=4,
+        seed=1337,
+    ),
+    # MERL TR2026-092-style KL-vs-rank run: alpha = r, KL-free (add --beta 0.05 for the regularised arm).
+    "merl": dict(
+        model="Qwen/Qwen3-1.7B-Base",
+        task="math",
+        data="EleutherAI/hendrycks_math",
+        alpha="r",
+        target_modules="all-linear",
+        beta=0.0,
+        steps=100,
+        prompts_per_step=8,
+        num_generations=8,
+        max_prompt_length=512,
+        max_completion_length=512,
+        lr=1e-5,
+        lr_schedule="cosine",
+        warmup_steps=10,
+    ),
+}
+
+
+def field_docs(cls: type = RunConfig) -> dict[str, str]:
+    """Attribute docstrings (the string literal under each field), read from the class source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
+    return docs
+
+
+def make_config(preset: str | None = None, **overrides: Any) -> RunConfig:
+    """A RunConfig from an optional preset plus explicit overrides (overrides win)."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        values.update(PRESETS[preset])
+    known = {f.name for f in fields(RunConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; accepted keys: {sorted(known)}")
+    values.update(overrides)
+    return RunConfig(**values)

@@ -1,0 +1,127 @@
+"""Loading the policy (any HF causal LM or the embedded default) and building its LoRA config.
+
+Nothing here is architecture-specific: the output layer is found with `get_output_embeddings()` and the backbone
+with `base_model_prefix`, so any causal LM that peft supports works.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from arca_lab.config import RunConfig
+
+
+def resolve_device_dtype(cfg: RunConfig) -> tuple[torch.device, torch.dtype]:
+    """cuda + bf16 when a GPU is there (as the ARCA paper ran), else cpu + fp32 (bf16 matmuls are slow on CPU)."""
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no GPU is visible: use --device cpu (or auto)")
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    return torch.device(device), getattr(torch, dtype)
+
+
+def resolve_model_path(model: str) -> str:
+    """"embedded" -> the cached tiny model directory (built on first use); a local path must exist."""
+    if model == "embedded":
+        from arca_lab.embedded import embedded_model_dir
+
+        return str(embedded_model_dir())
+    looks_local = model.startswith((".", "/", "~")) or os.sep in model and not _looks_like_hub_id(model)
+    if looks_local and not Path(model).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"model directory {model!r} does not exist: pass an existing directory saved with save_pretrained, "
+            'an HF hub id such as "Qwen/Qwen3-1.7B-Base", or "embedded"'
+        )
+    return str(Path(model).expanduser()) if looks_local else model
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not Path(name).exists()
+
+
+def load_policy(cfg: RunConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model in the run's dtype on its device, and a tokenizer that left-pads (generation) and has a pad token."""
+    path = resolve_model_path(cfg.model)
+    device, dtype = resolve_device_dtype(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def lm_head_of(model: nn.Module) -> nn.Module:
+    """The output projection (via `get_output_embeddings`, never by name); unwraps a peft model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(base).__name__} has no output embeddings: arca-lab needs a causal LM with a head")
+    return head
+
+
+def lm_head_module_name(model: nn.Module) -> str:
+    """Dotted name of the output layer inside `model` (e.g. "lm_head", "embed_out"), found by identity."""
+    head = lm_head_of(model)
+    for name, module in model.named_modules():
+        if module is head:
+            return name
+    raise ValueError("the output layer is not a submodule of the model")
+
+
+def base_head(model: nn.Module) -> nn.Module:
+    """The frozen output layer: the LoRA layer's `base_layer` when lm_head is adapted, else lm_head itself."""
+    head = lm_head_of(model)
+    return getattr(head, "base_layer", head)
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The transformer body whose output (after the final norm) is the input of lm_head."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.base_model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks: the ModuleList in the backbone with num_hidden_layers entries."""
+    backbone = backbone_of(model)
+    n = backbone.config.get_text_config().num_hidden_layers
+    for module in backbone.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"could not find the {n} decoder layers of {type(backbone).__name__}")
+
+
+def lora_config(cfg: RunConfig, model: nn.Module) -> LoraConfig:
+    """peft LoraConfig for the run; the scaling rule becomes peft's alpha/r, rsLoRA's alpha/sqrt(r), or alpha*r/r."""
+    names = [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
+    if not names:
+        raise ValueError("target_modules is empty: use all-linear, lm_head, or module names like q_proj,v_proj")
+    if names == ["all-linear"]:
+        targets: str | list[str] = "all-linear"
+    else:
+        head_name = lm_head_module_name(model)
+        targets = [head_name if n == "lm_head" else n for n in names]
+        present = {name.split(".")[-1] for name, _ in model.named_modules()} | {head_name}
+        missing = [t for t in targets if t not in present]
+        if missing:
+            raise ValueError(f"target_modules {missing} are not modules of {type(model).__name__}")
+    alpha = cfg.lora_alpha()
+    return LoraConfig(
+        r=cfg.rank,
+        # "const" keeps s = alpha for every rank: peft computes alpha'/r, so alpha' = alpha * r.
+        lora_alpha=alpha * cfg.rank if cfg.scaling == "const" else alpha,
+        use_rslora=cfg.scaling == "rslora",
+        target_modules=targets,
+        lora_dropout=cfg.lora_dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )

@@ -1,0 +1,139 @@
+"""A run as an xarray Dataset (`run.nc`, h5netcdf): curves over `step`, the final batch over (`sample`, `token`).
+
+Layout (every dimension named; config values as scalar coordinates; provenance in attrs):
+- dim `step`: reward, loss, learning_rate, grad_norm (pre-clip), credit_* (gini, etr, effn, tokens, role masses),
+  residual_*, kl_* (probe), head_input_max_norm, step_time, ... one variable per logged metric ("/" -> "_").
+- dims (`sample`, `token`): the last micro-batch's completion_ids (-1 padded), completion_mask, weights, scores,
+  token_roles, token_advantages, kl_policy_ref, kl_ref_policy, policy_logps, ref_logps (NaN padded).
+- dim `layer`: adapted modules with a0_fro / a0_op (||A0|| at initialisation), d_in, d_out.
+- dim `eval_prompt`: greedy_correct_{before,after}, pass_correct_{before,after}.
+- what a KL bound needs: w_lm_op_norm (||W_lm||_op of the base head), max_head_input_norm (max ||x|| seen by lm_head),
+  adapter_scale s, temperature, learning_rate and grad_norm per step (see theory/schema.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from arca_lab.config import RunConfig
+
+_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "xarray", "arca-lab")
+
+
+def git_sha() -> str:
+    """Commit of the arca-lab checkout (with "-dirty" if modified), or "unknown" outside a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True).stdout
+        return sha + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = str(metadata.version(name))
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def config_coords(cfg: RunConfig) -> dict[str, Any]:
+    """Config values as scalar coordinates (None -> NaN for numbers, "" for strings; bools as int)."""
+    coords: dict[str, Any] = {}
+    for key, value in json.loads(cfg.to_json()).items():
+        if key in ("out", "overwrite"):
+            continue
+        if value is None:
+            value = np.nan if key == "grad_clip" else ""
+        coords[key] = int(value) if isinstance(value, bool) else value
+    coords["lora_alpha"] = cfg.lora_alpha()
+    coords["adapter_scale"] = cfg.adapter_scale()
+    return coords
+
+
+def _pad(rows: np.ndarray, mask: np.ndarray, fill: float) -> np.ndarray:
+    return np.where(mask.astype(bool), rows, fill)
+
+
+def build_dataset(
+    cfg: RunConfig,
+    step_logs: list[dict[str, float]],
+    last_batch: dict[str, Any] | None,
+    layers: dict[str, dict[str, float]],
+    evals: dict[str, Any],
+    scalars: dict[str, float],
+) -> xr.Dataset:
+    """Assemble run.nc; see the module docstring for the layout."""
+    ds = xr.Dataset(coords={"step": np.arange(1, len(step_logs) + 1)})
+    keys = sorted({k for log in step_logs for k in log if k != "step"})
+    for key in keys:
+        ds[key.replace("/", "_")] = ("step", np.array([log.get(key, np.nan) for log in step_logs], dtype=float))
+    if last_batch is not None:
+        mask = last_batch["completion_mask"].numpy().astype(bool)
+        ds["completion_mask"] = (("sample", "token"), mask.astype(np.int8))
+        ds["completion_ids"] = (("sample", "token"), _pad(last_batch["completion_ids"].numpy(), mask, -1).astype(int))
+        for key, value in last_batch.items():
+            if key in ("completion_ids", "completion_mask"):
+                continue
+            arr = value.numpy()
+            if arr.ndim == 1:
+                ds[key] = ("sample", arr.astype(float))
+            elif key == "token_roles":
+                ds[key] = (("sample", "token"), _pad(arr, mask, -1).astype(np.int8))
+            else:
+                ds[key] = (("sample", "token"), _pad(arr, mask, np.nan).astype(float))
+    if layers:
+        names = list(layers)
+        ds = ds.assign_coords(layer=names)
+        for field in next(iter(layers.values())):
+            ds[field] = ("layer", np.array([layers[n][field] for n in names], dtype=float))
+    for key, value in evals.items():
+        if np.ndim(value) == 1:
+            ds[key] = ("eval_prompt", np.asarray(value, dtype=float))
+        else:
+            ds[key] = float(value)
+    for key, value in scalars.items():
+        ds[key] = float(value)
+    ds = ds.assign_coords(config_coords(cfg))
+    ds.attrs.update(
+        config_json=cfg.to_json(),
+        git_sha=git_sha(),
+        versions_json=json.dumps(versions()),
+        title=f"arca-lab run: credit={cfg.credit} rank={cfg.rank} seed={cfg.seed}",
+    )
+    return ds
+
+
+def write_netcdf(ds: xr.Dataset, path: str | Path) -> Path:
+    """Write atomically: a temp file in the same directory, then os.replace (a killed write leaves no .nc)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        ds.to_netcdf(tmp, engine="h5netcdf")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_run(path: str | Path) -> xr.Dataset:
+    """Open a run directory's run.nc (or a .nc path) fully into memory."""
+    path = Path(path)
+    return xr.load_dataset(path / "run.nc" if path.is_dir() else path, engine="h5netcdf")

@@ -1,0 +1,234 @@
+"""One fine-tune, start to finish: load, evaluate, GRPO with LoRA and token credit, evaluate, save.
+
+Output directory (written to a staging directory first and moved into place only when complete, so a crash or an
+`--overwrite` never destroys a finished run):
+    config.json   the RunConfig
+    adapter/      the LoRA adapter (`save_pretrained`; load with `PeftModel.from_pretrained(base, dir)`)
+    run.nc        curves, final-batch token arrays, eval results, bound inputs (see arca_lab/results.py)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from datasets import Dataset
+from peft.tuners.lora import LoraLayer
+from transformers import TrainerCallback
+
+from arca_lab.config import RunConfig
+from arca_lab.evaluate import EvalResult, evaluate
+from arca_lab.models import base_head, load_policy, lora_config, resolve_device_dtype
+from arca_lab.results import build_dataset, write_netcdf
+from arca_lab.tasks import get_task
+from arca_lab.tasks.base import Task
+from arca_lab.trainer import ArcaGRPOConfig, ArcaGRPOTrainer
+
+EVAL_SEED = 0
+"""Held-out rows are the same for every run seed, so before/after accuracies pair across runs."""
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out} exists: pass --overwrite to replace it, or choose another --out")
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write in {parent}: choose another --out")
+
+
+def load_task(cfg: RunConfig) -> Task:
+    return get_task(cfg.task, **({"source": cfg.data} if cfg.task == "math" else {}))
+
+
+def make_reward_fn(task: Task):
+    """TRL reward function: dataset column `answer` arrives as a keyword argument."""
+
+    def reward(prompts, completions, answer, **kwargs) -> list[float]:
+        values = [float(task.reward(c, a)) for c, a in zip(completions, answer, strict=True)]
+        if any(math.isnan(v) for v in values):
+            raise ValueError(
+                f"task {task.name!r} returned a NaN reward: make Task.reward return 0.0 for unscorable completions"
+            )
+        return values
+
+    reward.__name__ = f"{task.name}_correct"
+    return reward
+
+
+def grpo_args(cfg: RunConfig, output_dir: str, progress: bool) -> ArcaGRPOConfig:
+    device, dtype = resolve_device_dtype(cfg)
+    on_cpu = device.type == "cpu"
+    schedule = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.lr_schedule]
+    return ArcaGRPOConfig(
+        output_dir=output_dir,
+        credit=cfg.credit,
+        sharpening=cfg.sharpening,
+        credit_eps=cfg.credit_eps,
+        arca_layers=cfg.arca_layers,
+        layer_aggregate=cfg.layer_aggregate,
+        kl_probe=cfg.kl_probe,
+        max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch_completions // cfg.grad_accum,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        beta=cfg.beta,
+        loss_type=cfg.loss_type,
+        num_iterations=1,
+        use_bias_correction_kl=True,  # TRL's default changed across versions: explicit
+        learning_rate=cfg.lr,
+        lr_scheduler_type=schedule,
+        warmup_steps=cfg.warmup_steps,
+        optim="adamw_torch" if cfg.optimizer == "adamw" else "sgd",
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_epsilon=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+        # No clipping still logs the pre-clip norm: clip_grad_norm_ with a huge bound scales by 1.
+        max_grad_norm=cfg.grad_clip if cfg.grad_clip is not None else 1e30,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=on_cpu,
+        bf16=dtype == torch.bfloat16,
+        gradient_checkpointing=not on_cpu,  # TRL's default; on CPU it only costs time
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=not progress,
+        disable_dropout=False,  # keep the LoRA dropout the config asks for
+    )
+
+
+class StepRecorder(TrainerCallback):
+    """Keeps every per-step log dict (TRL logs its metrics and ours once per optimiser step)."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict[str, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "train_runtime" not in logs:
+            self.logs.append({"step": state.global_step, **{k: float(v) for k, v in logs.items()}})
+
+
+def adapter_init_stats(model: torch.nn.Module) -> dict[str, dict[str, float]]:
+    """||A0||_F and ||A0||_op per adapted module (what the a-priori bound needs), with its dims."""
+    stats = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            A = next(iter(module.lora_A.values())).weight.detach().float()  # (r, d_in)
+            B = next(iter(module.lora_B.values())).weight  # (d_out, r)
+            stats[name.removeprefix("base_model.model.")] = {
+                "a0_fro": A.norm().item(),
+                "a0_op": torch.linalg.matrix_norm(A, ord=2).item(),
+                "d_in": float(A.size(1)),
+                "d_out": float(B.size(0)),
+            }
+    return stats
+
+
+def train(cfg: RunConfig, progress: bool = True) -> Path:
+    """Run one fine-tune and return its output directory."""
+    out = Path(cfg.out)
+    check_output_dir(out, cfg.overwrite)
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    transformers.set_seed(cfg.seed)
+    model, tokenizer = load_policy(cfg)
+    task = load_task(cfg)
+    train_rows = _fit_prompts(task.train_rows(cfg.steps * cfg.prompts_per_step, seed=cfg.seed), tokenizer, cfg)
+    eval_rows = task.eval_rows(cfg.eval_prompts, seed=EVAL_SEED)
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
+    try:
+        before = _evaluate(model, tokenizer, task, eval_rows, cfg)
+        recorder = StepRecorder()
+        transformers.set_seed(cfg.seed)  # the LoRA init draws from the global generator
+        trainer = ArcaGRPOTrainer(
+            model=model,
+            reward_funcs=make_reward_fn(task),
+            args=grpo_args(cfg, str(staging / "trainer"), progress),
+            train_dataset=Dataset.from_list(train_rows),
+            processing_class=tokenizer,
+            peft_config=lora_config(cfg, model),
+            token_roles=lambda ids: task.token_roles(ids, tokenizer),
+            callbacks=[recorder],
+        )
+        layers = adapter_init_stats(trainer.model)
+        w_lm_op = torch.linalg.matrix_norm(base_head(trainer.model).weight.detach().float(), ord=2).item()
+        trainer.train()
+        after = _evaluate(trainer.model, tokenizer, task, eval_rows, cfg)
+
+        shutil.rmtree(staging / "trainer", ignore_errors=True)
+        trainer.model.save_pretrained(staging / "adapter")
+        (staging / "config.json").write_text(cfg.to_json() + "\n")
+        head_norms = [log["head_input/max_norm"] for log in recorder.logs if "head_input/max_norm" in log]
+        scalars = {
+            "w_lm_op_norm": w_lm_op,
+            "max_head_input_norm": max(head_norms) if head_norms else math.nan,
+            "d_model": float(base_head(trainer.model).weight.size(1)),
+            "vocab_size": float(base_head(trainer.model).weight.size(0)),
+        }
+        ds = build_dataset(cfg, recorder.logs, trainer.last_batch, layers, _eval_vars(before, after), scalars)
+        write_netcdf(ds, staging / "run.nc")
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _evaluate(model, tokenizer, task: Task, rows, cfg: RunConfig) -> EvalResult:
+    return evaluate(
+        model,
+        tokenizer,
+        task,
+        rows,
+        k=cfg.pass_k,
+        max_new_tokens=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=EVAL_SEED,
+    )
+
+
+def _eval_vars(before: EvalResult, after: EvalResult) -> dict[str, Any]:
+    return {
+        "greedy_accuracy_before": before.greedy_accuracy,
+        "greedy_accuracy_after": after.greedy_accuracy,
+        "pass_at_k_before": before.pass_at_k,
+        "pass_at_k_after": after.pass_at_k,
+        "greedy_correct_before": before.greedy_correct,
+        "greedy_correct_after": after.greedy_correct,
+        "pass_correct_before": before.pass_correct,
+        "pass_correct_after": after.pass_correct,
+    }
+
+
+def _fit_prompts(rows: list[dict[str, str]], tokenizer, cfg: RunConfig) -> list[dict[str, str]]:
+    lengths = [len(ids) for ids in tokenizer([r["prompt"] for r in rows])["input_ids"]]
+    kept = [r for r, n in zip(rows, lengths, strict=True) if n <= cfg.max_prompt_length]
+    if len(kept) < len(rows):
+        raise ValueError(
+            f"{len(rows) - len(kept)} of {len(rows)} prompts are longer than max_prompt_length="
+            f"{cfg.max_prompt_length} tokens (longest {max(lengths)}): raise --max-prompt-length"
+        )
+    return kept
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Swap the finished staging directory in; an old directory (overwrite) is removed only after the swap."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old)

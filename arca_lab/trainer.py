@@ -1,0 +1,356 @@
+"""GRPO with LoRA and token credit, as a narrow extension of TRL's `GRPOTrainer`.
+
+How this departs from textbook GRPO (TRL 1.16 `GRPOTrainer`):
+1. Token credit. Each completion's advantage A_i is spread over its tokens as A_i * T_i * w_{i,t}, with w from the
+   chosen credit (ARCA paper, arXiv 2606.00257, eqs. estimator and normalize). With `loss_type="grpo"` the gradient
+   is the paper's estimator -mean_i A_i sum_t w_t grad log pi_t; uniform w = 1/T gives TRL's loss back exactly.
+2. No extra adapted forward for credit. Adapted hidden states are read by a forward hook from the loss forward
+   itself; adapted log-probs and entropies are the LoRA head applied to them (no grad). The weights are written
+   into `inputs["advantages"]` when the backbone returns, before TRL's `_compute_loss` reads them.
+3. One shared base pass. When anything needs the base model (arca, divergence, the KL probe, or beta > 0), one
+   no-grad backbone forward with the adapter disabled runs per generation batch; its last-layer states serve all
+   of them, and TRL's own reference pass is skipped (`beta` is hidden from it for that call).
+4. Credit is never stale. Base states never change (the base is frozen) and adapted quantities come from the loss
+   forward, so the weights follow the current policy whatever `num_iterations` / `steps_per_generation`.
+5. LoRA on lm_head is trained. TRL's fused LM head multiplies by `lm_head.weight`, which for a peft layer is the
+   frozen base weight; during our loss forward the fused head sees the merged, differentiable W0 + s B A instead.
+6. KL probe. Exact full-vocabulary per-token KL to the base in both directions (temperature 1), plus k1 / k3,
+   logged every step, at any beta.
+Sampling log-probabilities (from the rollout) and training log-probabilities (from the loss forward) stay separate:
+the probe and the credit only ever use the latter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from trl import GRPOConfig, GRPOTrainer
+
+from arca_lab.credit import CREDITS, compute_credit_weights, token_advantages
+from arca_lab.diagnostics import summarize_credit
+from arca_lab.kl import kl_probe, summarize_kl
+from arca_lab.models import backbone_of, base_head, decoder_layers, lm_head_of
+
+_NEEDS_BASE = ("arca", "divergence")
+
+
+@dataclass
+class ArcaGRPOConfig(GRPOConfig):
+    """`GRPOConfig` plus token credit and the KL probe. Swap it in for `GRPOConfig` together with the trainer."""
+
+    credit: str = field(default="uniform", metadata={"help": f"Token credit, one of {CREDITS}."})
+    sharpening: float = field(default=1.0, metadata={"help": "Power on scores before normalising (paper runs: 2)."})
+    credit_eps: float = field(default=1e-8, metadata={"help": "Floor added to scores (ARCA eq. normalize)."})
+    arca_layers: str = field(default="last", metadata={"help": '"last", "all" or comma-separated layer indices.'})
+    layer_aggregate: str = field(default="mean", metadata={"help": "mean | max | sum | rms over layers."})
+    kl_probe: bool = field(default=True, metadata={"help": "Log exact full-vocabulary KL to the base model."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.credit not in CREDITS:
+            raise ValueError(f"credit={self.credit!r} is not valid: choose one of {CREDITS}")
+        if self.sharpening <= 0:
+            raise ValueError(f"sharpening={self.sharpening} is not valid: use a power > 0")
+
+
+class ArcaGRPOTrainer(GRPOTrainer):
+    """`GRPOTrainer` with token credit, a shared base pass and a KL probe (see the module docstring).
+
+    Extra argument: `token_roles(completion_ids: list[int]) -> list[int]` labels completion tokens with role ids
+    (`arca_lab.tasks.base.ROLES`) so credit mass per role is logged.
+    After each loss computation, `last_batch` holds that micro-batch's per-token tensors on the CPU.
+    """
+
+    def __init__(self, *args: Any, token_roles: Callable[[list[int]], list[int]] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        cfg: ArcaGRPOConfig = self.args
+        if not isinstance(cfg, ArcaGRPOConfig):
+            raise TypeError("ArcaGRPOTrainer needs args=ArcaGRPOConfig(...) (a GRPOConfig with credit fields)")
+        self.token_roles = token_roles
+        policy = self.accelerator.unwrap_model(self.model)
+        self._is_peft = hasattr(policy, "disable_adapter")
+        self._needs_base = cfg.credit in _NEEDS_BASE or cfg.kl_probe or (self.beta != 0.0 and self._is_peft)
+        if self._needs_base and not self._is_peft:
+            raise ValueError(
+                f"credit={cfg.credit!r} / kl_probe compare the adapted model with its base: pass a peft_config "
+                "(LoRA) to the trainer, or use credit in (uniform, surprisal, entropy_reduction) with kl_probe=False"
+            )
+        if cfg.credit == "arca_branch" and not self._is_peft:
+            raise ValueError("credit='arca_branch' reads LoRA branches: pass a peft_config to the trainer")
+        # Captured once: `_merged_head` later shadows get_output_embeddings during the loss forward.
+        self._head = lm_head_of(policy)
+        self._base_head = base_head(policy)
+        self._backbone = backbone_of(policy)
+        self._layers = self._arca_layer_modules(policy)
+        self._branches = self._lora_branches(policy) if cfg.credit == "arca_branch" else []
+        self.last_batch: dict[str, torch.Tensor] | None = None
+        self.forward_counts = {"base": 0, "loss": 0}
+
+    # --- rollout side --------------------------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        beta = self.beta
+        if self._needs_base:
+            self.beta = 0.0  # TRL's own reference pass is replaced by the shared base pass below
+        try:
+            out = super()._generate_and_score_completions(inputs)
+        finally:
+            self.beta = beta
+        # Kept separately: `advantages` becomes (B, T) at loss time and num_iterations > 1 reuses this dict.
+        out["seq_advantages"] = out["advantages"]  # (B,)
+        if self.token_roles is not None:
+            out["token_roles"] = self._roles(out["completion_ids"], out["completion_mask"])  # (B, T)
+        if self._needs_base:
+            out["base_hidden"], layer_states = self._base_pass(out)  # (B, T, d), (B, L, T, d) | None
+            if layer_states is not None:
+                out["base_layer_states"] = layer_states
+            if self.beta != 0.0:
+                out["ref_per_token_logps"] = self._ref_logps(out["base_hidden"], out["completion_ids"])  # (B, T)
+        return out
+
+    def _roles(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+        roles = torch.zeros_like(completion_ids)
+        for i, (ids, m) in enumerate(zip(completion_ids.tolist(), completion_mask.tolist(), strict=True)):
+            n = int(sum(m))
+            roles[i, :n] = torch.tensor(self.token_roles(ids[:n]), dtype=roles.dtype)
+        return roles
+
+    @torch.no_grad()
+    def _base_pass(self, out: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One backbone forward with the adapter disabled: base states at completion-predicting positions.
+
+        Returns the input of lm_head (B, T, d) and, when arca_layers selects decoder layers, their outputs
+        (B, L, T, d).
+        """
+        input_ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)  # (B, P + T)
+        attention_mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+        T = out["completion_ids"].size(1)
+        policy = self.accelerator.unwrap_model(self.model)
+        chunk = self.args.per_device_train_batch_size
+        last, layers = [], []
+        with policy.disable_adapter():
+            for s in range(0, input_ids.size(0), chunk):
+                with self._capture(policy) as store:
+                    self._backbone(input_ids=input_ids[s : s + chunk], attention_mask=attention_mask[s : s + chunk])
+                last.append(store["last"][:, -T - 1 : -1])
+                if self._layers:
+                    layers.append(self._layer_states(store, T))
+        self.forward_counts["base"] += 1
+        return torch.cat(last), (torch.cat(layers) if layers else None)
+
+    def _ref_logps(self, h: torch.Tensor, completion_ids: torch.Tensor) -> torch.Tensor:
+        # TRL's reference log-probs are at the sampling temperature (its fused head divides by it).
+        logits = self._base_head(h).float() / self.temperature  # (B, T, V)
+        return logits.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+
+    # --- loss side -------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        cfg: ArcaGRPOConfig = self.args
+        inputs["advantages"] = inputs["seq_advantages"]
+        if cfg.credit == "uniform" and not cfg.kl_probe:
+            with self._merged_head(model):
+                self.forward_counts["loss"] += 1
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        fired: list[bool] = []
+
+        def on_backbone_output(store: dict[str, Any]) -> None:
+            inputs["advantages"] = self._token_advantages(inputs, store)  # (B, T)
+            fired.append(True)
+
+        with self._merged_head(model), self._capture(model, on_backbone_output, branches=True):
+            self.forward_counts["loss"] += 1
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not fired:
+            raise RuntimeError("the loss forward never ran the backbone: this TRL version is not supported")
+        return loss
+
+    @torch.no_grad()
+    def _token_advantages(self, inputs: dict[str, Any], store: dict[str, Any]) -> torch.Tensor:
+        cfg: ArcaGRPOConfig = self.args
+        ids, mask = inputs["completion_ids"], inputs["completion_mask"]  # (B, T)
+        T = ids.size(1)
+        h_last = store["last"][:, -T - 1 : -1]  # (B, T, d): input of lm_head at positions predicting y_t
+        h_base_last = inputs.get("base_hidden")  # (B, T, d) or None
+        if self._layers:  # ARCA on chosen decoder layers: (L, B, T, d)
+            h_adapted, h_base = self._layer_states(store, T).transpose(0, 1), inputs.get("base_layer_states")
+            h_base = None if h_base is None else h_base.transpose(0, 1)
+        else:
+            h_adapted, h_base = h_last, h_base_last
+        probe = self._head_stats(h_last, h_base_last, ids, mask)
+        branch = None
+        if self._branches:
+            branch = torch.stack([b[:, -T - 1 : -1] for b in store["branches"]])  # (L, B, T)
+        weights, scores = compute_credit_weights(
+            cfg.credit,
+            completion_mask=mask,
+            per_token_logps=probe["policy_logps"],
+            entropies=probe["policy_entropy"],
+            ref_per_token_logps=probe.get("ref_logps"),
+            h_adapted=h_adapted,
+            h_base=h_base,
+            branch_norms=branch,
+            layer_aggregate=cfg.layer_aggregate,
+            sharpening=cfg.sharpening,
+            eps=cfg.credit_eps,
+        )
+        advantages = token_advantages(inputs["seq_advantages"], weights, mask)  # (B, T)
+        self._log_step(inputs, probe, weights, scores, h_last, h_base_last, mask)
+        self.last_batch = {
+            "completion_ids": ids,
+            "completion_mask": mask,
+            "weights": weights,
+            "scores": scores,
+            "advantages": inputs["seq_advantages"],
+            "token_advantages": advantages,
+            **({"token_roles": inputs["token_roles"]} if "token_roles" in inputs else {}),
+            **{k: v for k, v in probe.items()},
+        }
+        self.last_batch = {k: v.detach().float().cpu() for k, v in self.last_batch.items()}
+        return advantages
+
+    def _head_stats(self, h, h_base, completion_ids, completion_mask) -> dict[str, torch.Tensor]:
+        """Per-token log-probs / entropy of the adapted head (and the KL probe against the base), temperature 1.
+
+        Chunked over rows so that (rows, T, V) logits stay below ~256 MB for large vocabularies.
+        """
+        V = self._base_head.weight.size(0)
+        rows = max(1, int(2**26 // max(1, h.size(1) * V)))
+        parts: list[dict[str, torch.Tensor]] = []
+        for s in range(0, h.size(0), rows):
+            sl = slice(s, s + rows)
+            policy_logits = self._head(h[sl]).float()  # (b, T, V), adapted head if lm_head carries LoRA
+            if h_base is None:
+                logp = policy_logits.log_softmax(-1)
+                parts.append(
+                    {
+                        "policy_logps": logp.gather(-1, completion_ids[sl].unsqueeze(-1)).squeeze(-1),
+                        "policy_entropy": -(logp.exp() * logp).sum(-1),
+                    }
+                )
+            else:
+                ref_logits = self._base_head(h_base[sl]).float()
+                parts.append(kl_probe(policy_logits, ref_logits, completion_ids[sl], completion_mask[sl]))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def _log_step(self, inputs, probe, weights, scores, h_last, h_base_last, mask) -> None:
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        summary = summarize_credit(weights, mask, roles=inputs.get("token_roles"), raw_scores=scores)
+        for k, v in summary.items():
+            metrics[f"credit/{k}"].append(v)
+        valid = mask.bool()
+        metrics["head_input/max_norm"].append(h_last.float().norm(dim=-1)[valid].max().item())
+        if h_base_last is not None:
+            residual = (h_last.float() - h_base_last.float()).norm(dim=-1)[valid]  # ARCA alpha_t at the last layer
+            metrics["residual/mean"].append(residual.mean().item())
+            metrics["residual/max"].append(residual.max().item())
+            metrics["head_input/base_max_norm"].append(h_base_last.float().norm(dim=-1)[valid].max().item())
+            for k, v in summarize_kl(probe, mask).items():
+                metrics[k].append(v)
+
+    # --- hooks -----------------------------------------------------------------------------------------
+    def _arca_layer_modules(self, policy: nn.Module) -> list[nn.Module]:
+        spec = self.args.arca_layers
+        if spec == "last":
+            return []
+        layers = decoder_layers(policy)
+        idx = range(len(layers)) if spec == "all" else [int(i) for i in spec.split(",")]
+        try:
+            return [layers[i] for i in idx]
+        except IndexError:
+            raise ValueError(f"arca_layers={spec!r}: the model has {len(layers)} decoder layers") from None
+
+    @staticmethod
+    def _lora_branches(policy: nn.Module) -> list[LoraLayer]:
+        layers = [m for m in backbone_of(policy).modules() if isinstance(m, LoraLayer)]
+        if not layers:
+            raise ValueError("credit='arca_branch' needs LoRA layers inside the backbone (not only on lm_head)")
+        return layers
+
+    @contextmanager
+    def _capture(
+        self, policy: nn.Module, on_done: Callable[[dict], None] | None = None, branches: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """Forward hooks storing detached hidden states; `on_done` runs when the backbone returns."""
+        store: dict[str, Any] = {"layers": [], "branches": []}
+        handles = []
+        for layer in self._layers:
+            handles.append(layer.register_forward_hook(lambda m, a, o: store["layers"].append(_first(o).detach())))
+        if branches:
+            for lora in self._branches:
+                handles.append(_register_branch_hook(lora, store["branches"]))
+
+        def backbone_hook(module, args, output):
+            store["last"] = _first(output).detach()  # (B, P + T, d) after the final norm
+            if on_done is not None:
+                on_done(store)
+
+        handles.append(self._backbone.register_forward_hook(backbone_hook))
+        try:
+            yield store
+        finally:
+            for h in handles:
+                h.remove()
+
+    @staticmethod
+    def _layer_states(store: dict[str, Any], T: int) -> torch.Tensor:
+        return torch.stack([s[:, -T - 1 : -1] for s in store["layers"]], dim=1)  # (B, L, T, d)
+
+    @contextmanager
+    def _merged_head(self, model: nn.Module) -> Iterator[None]:
+        """During the loss forward, let TRL's fused head see W0 + s B A when lm_head carries LoRA (see item 5)."""
+        if not isinstance(self._head, LoraLayer):
+            with nullcontext():
+                yield
+            return
+        base = self.accelerator.unwrap_model(model).get_base_model()
+        shim = _MergedHeadView(self._head)
+        base.get_output_embeddings = lambda: shim
+        try:
+            yield
+        finally:
+            del base.get_output_embeddings
+
+
+class _MergedHeadView:
+    """What TRL's fused head reads from lm_head (`weight`, `bias`), with the active LoRA deltas merged in."""
+
+    def __init__(self, layer: LoraLayer):
+        self.layer = layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.layer.base_layer.weight
+        if self.layer.disable_adapters:
+            return w
+        for name in self.layer.active_adapters:
+            if name in self.layer.lora_A:
+                w = w + self.layer.get_delta_weight(name)  # differentiable in lora_A / lora_B
+        return w
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.layer.base_layer.bias
+
+
+def _register_branch_hook(lora: LoraLayer, sink: list[torch.Tensor]):
+    """Per-token norm of one module's LoRA contribution ||s B A x_t|| (ARCA paper Prop. 3 decomposition)."""
+    name = lora.active_adapters[0]
+
+    def hook(module, args, output):
+        sink.append((output.detach().float() * lora.scaling[name]).norm(dim=-1))  # (B, P + T)
+
+    return lora.lora_B[name].register_forward_hook(hook)
+
+
+def _first(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    return output[0]
+
