@@ -22,12 +22,15 @@ the probe and the credit only ever use the latter.
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from trl import GRPOConfig, GRPOTrainer
@@ -35,7 +38,7 @@ from trl import GRPOConfig, GRPOTrainer
 from arca_lab.credit import CREDITS, compute_credit_weights, token_advantages
 from arca_lab.diagnostics import summarize_credit
 from arca_lab.kl import kl_probe, summarize_kl
-from arca_lab.models import backbone_of, base_head, decoder_layers, lm_head_of
+from arca_lab.models import backbone_of, base_head, decoder_layers, lm_head_module_name, lm_head_of
 
 _NEEDS_BASE = ("arca", "divergence")
 
@@ -67,8 +70,23 @@ class ArcaGRPOTrainer(GRPOTrainer):
     After each loss computation, `last_batch` holds that micro-batch's per-token tensors on the CPU.
     """
 
-    def __init__(self, *args: Any, token_roles: Callable[[list[int]], list[int]] | None = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        model: Any,
+        *args: Any,
+        peft_config: Any = None,
+        token_roles: Callable[[list[int]], list[int]] | None = None,
+        **kwargs: Any,
+    ):
+        head_lora = isinstance(model, nn.Module) and _targets_head(model, peft_config)
+        if head_lora:  # TRL refuses a LoRA lm_head (its fused head would ignore it); item 5 makes it train
+            model, peft_config = get_peft_model(model, peft_config), None
+        with _head_adapter_hidden(model) if head_lora else nullcontext():
+            super().__init__(model, *args, peft_config=peft_config, **kwargs)
+        if head_lora and "ref" in self.model.peft_config:
+            # TRL copies a passed-in adapter as "ref" when beta > 0; the shared base pass (adapter disabled) is
+            # our reference, which is the same policy for a freshly initialised adapter (B = 0).
+            self.model.delete_adapter("ref")
         cfg: ArcaGRPOConfig = self.args
         if not isinstance(cfg, ArcaGRPOConfig):
             raise TypeError("ArcaGRPOTrainer needs args=ArcaGRPOConfig(...) (a GRPOConfig with credit fields)")
@@ -314,6 +332,29 @@ class ArcaGRPOTrainer(GRPOTrainer):
             yield
         finally:
             del base.get_output_embeddings
+
+
+@contextmanager
+def _head_adapter_hidden(model: nn.Module) -> Iterator[None]:
+    """While TRL's __init__ runs, `get_output_embeddings` returns the base layer, so its lm_head check passes."""
+    base = model.get_base_model()
+    frozen = base_head(model)
+    base.get_output_embeddings = lambda: frozen
+    try:
+        yield
+    finally:
+        del base.get_output_embeddings
+
+
+def _targets_head(model: nn.Module, peft_config: Any) -> bool:
+    """Whether a peft config would put an adapter on the output layer (peft's "all-linear" leaves it out)."""
+    targets = getattr(peft_config, "target_modules", None)
+    if targets is None or targets == "all-linear":
+        return False
+    name = lm_head_module_name(model)
+    if isinstance(targets, str):  # peft treats a string as a regex over full module names
+        return re.fullmatch(targets, name) is not None
+    return name in targets or name.split(".")[-1] in targets
 
 
 class _MergedHeadView:

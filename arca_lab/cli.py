@@ -1,0 +1,119 @@
+"""`arca-lab` command line: train, eval, theory.
+
+    arca-lab train --credit arca --rank 4 --out runs/arca-r4        # embedded default, CPU, about a minute
+    arca-lab train --preset arca-paper --out runs/paper            # the ARCA paper's setup, on a GPU
+    arca-lab eval runs/arca-r4                                     # greedy accuracy and pass@k of a trained run
+    arca-lab theory [check]                                        # KL bounds; check them on a softmax layer
+
+`train --help` lists every RunConfig field with its docstring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from arca_lab.config import PRESETS, RunConfig, field_docs, make_config
+
+
+def _parse_optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "off", "0") else float(text)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--flag` per RunConfig field, help from the field docstrings; unset flags stay unset (presets apply)."""
+    docs = field_docs(RunConfig)
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        help_text = f"{docs.get(f.name, '')} (default: {default})"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            continue
+        kind = {"int": int, "float": float, "float | None": _parse_optional_float}.get(str(f.type), str)
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, dest=f.name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arca-lab", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run one GRPO + LoRA fine-tune with token credit")
+    train.add_argument("--preset", choices=sorted(PRESETS), help="start from a named setup (flags still override)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_arguments(train)
+
+    ev = sub.add_parser("eval", help="greedy accuracy and pass@k of a finished run's adapter")
+    ev.add_argument("run_dir", type=Path, help="a directory written by `arca-lab train`")
+    ev.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts (default: the run's)")
+
+    th = sub.add_parser("theory", help="print the KL bounds, or `theory check` them on a softmax layer")
+    th.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the theory CLI (e.g. check --quick)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "theory":  # its own parser (theory/cli.py) owns the arguments
+        from theory.cli import main as theory_main
+
+        return theory_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "eval":
+            return _eval(args)
+    except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as err:
+        print(f"arca-lab {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from arca_lab.run import train
+    from arca_lab.results import load_run
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
+    cfg = make_config(args.preset, **overrides)
+    out = train(cfg, progress=not args.quiet)
+    ds = load_run(out)
+    last = ds.isel(step=-1)
+    print(f"\nrun written to {out}")
+    print(f"  greedy accuracy  {float(ds.greedy_accuracy_before):.3f} -> {float(ds.greedy_accuracy_after):.3f}")
+    print(f"  pass@{cfg.pass_k}           {float(ds.pass_at_k_before):.3f} -> {float(ds.pass_at_k_after):.3f}")
+    for name in ("reward", "credit_gini", "credit_etr", "kl_kl_ref_policy_mean", "kl_kl_policy_ref_max"):
+        if name in ds:
+            print(f"  {name:<24}{float(last[name]):.4g}  (final step)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from peft import PeftModel
+
+    from arca_lab.evaluate import evaluate
+    from arca_lab.models import load_policy
+    from arca_lab.run import EVAL_SEED, load_task
+
+    config_path = args.run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: pass a directory written by `arca-lab train`")
+    cfg = RunConfig.from_json(config_path.read_text())
+    model, tokenizer = load_policy(cfg)
+    task = load_task(cfg)
+    rows = task.eval_rows(args.eval_prompts or cfg.eval_prompts, seed=EVAL_SEED)
+    kw = dict(k=cfg.pass_k, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p)
+    base = evaluate(model, tokenizer, task, rows, **kw)
+    adapted = evaluate(PeftModel.from_pretrained(model, args.run_dir / "adapter"), tokenizer, task, rows, **kw)
+    print(json.dumps({"prompts": len(rows), "config": json.loads(cfg.to_json())}, indent=None)[:200] + " ...")
+    print(f"{'':14}{'base':>8}{'adapter':>9}")
+    print(f"{'greedy acc':14}{base.greedy_accuracy:8.3f}{adapted.greedy_accuracy:9.3f}")
+    print(f"{f'pass@{cfg.pass_k}':14}{base.pass_at_k:8.3f}{adapted.pass_at_k:9.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
