@@ -31,18 +31,24 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not MISSING else None
         help_text = f"{docs.get(f.name, '')} (default: {default})"
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
             continue
         kind = {"int": int, "float": float, "float | None": _parse_optional_float}.get(str(f.type), str)
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, dest=f.name)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arca-lab", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="arca-lab", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run one GRPO + LoRA fine-tune with token credit")
-    train.add_argument("--preset", choices=sorted(PRESETS), help="start from a named setup (flags still override)")
+    train.add_argument(
+        "--preset", choices=sorted(PRESETS), help="start from a named setup (flags still override)"
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_arguments(train)
 
@@ -51,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts (default: the run's)")
 
     th = sub.add_parser("theory", help="print the KL bounds, or `theory check` them on a softmax layer")
-    th.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the theory CLI (e.g. check --quick)")
+    th.add_argument(
+        "rest", nargs=argparse.REMAINDER, help="arguments for the theory CLI (e.g. check --quick)"
+    )
     return parser
 
 
@@ -74,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from arca_lab.run import train
     from arca_lab.results import load_run
+    from arca_lab.run import train
 
     overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
     cfg = make_config(args.preset, **overrides)
@@ -83,8 +91,12 @@ def _train(args: argparse.Namespace) -> int:
     ds = load_run(out)
     last = ds.isel(step=-1)
     print(f"\nrun written to {out}")
-    print(f"  greedy accuracy  {float(ds.greedy_accuracy_before):.3f} -> {float(ds.greedy_accuracy_after):.3f}")
-    print(f"  pass@{cfg.pass_k}           {float(ds.pass_at_k_before):.3f} -> {float(ds.pass_at_k_after):.3f}")
+    print(
+        f"  greedy accuracy  {float(ds.greedy_accuracy_before):.3f} -> {float(ds.greedy_accuracy_after):.3f}"
+    )
+    print(
+        f"  pass@{cfg.pass_k}           {float(ds.pass_at_k_before):.3f} -> {float(ds.pass_at_k_after):.3f}"
+    )
     for name in ("reward", "credit_gini", "credit_etr", "kl_kl_ref_policy_mean", "kl_kl_policy_ref_max"):
         if name in ds:
             print(f"  {name:<24}{float(last[name]):.4g}  (final step)")
@@ -105,9 +117,13 @@ def _eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_policy(cfg)
     task = load_task(cfg)
     rows = task.eval_rows(args.eval_prompts or cfg.eval_prompts, seed=EVAL_SEED)
-    kw = dict(k=cfg.pass_k, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p)
+    kw = dict(
+        k=cfg.pass_k, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p
+    )
     base = evaluate(model, tokenizer, task, rows, **kw)
-    adapted = evaluate(PeftModel.from_pretrained(model, args.run_dir / "adapter"), tokenizer, task, rows, **kw)
+    adapted = evaluate(
+        PeftModel.from_pretrained(model, args.run_dir / "adapter"), tokenizer, task, rows, **kw
+    )
     print(json.dumps({"prompts": len(rows), "config": json.loads(cfg.to_json())}, indent=None)[:200] + " ...")
     print(f"{'':14}{'base':>8}{'adapter':>9}")
     print(f"{'greedy acc':14}{base.greedy_accuracy:8.3f}{adapted.greedy_accuracy:9.3f}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import itertools
 import json
 import math
 import textwrap
@@ -154,7 +155,7 @@ class RunConfig:
             raise bad("grad_accum", self.grad_accum, "it must divide prompts_per_step * num_generations")
         if self.beta < 0:
             raise bad("beta", self.beta, "use a KL coefficient >= 0")
-        if not 0 < self.temperature:
+        if not self.temperature > 0:
             raise bad("temperature", self.temperature, "use a temperature > 0")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", self.top_p, "use 0 < top_p <= 1")
@@ -174,7 +175,9 @@ class RunConfig:
             try:
                 [int(i) for i in self.arca_layers.split(",")]
             except ValueError:
-                raise bad("arca_layers", self.arca_layers, 'use "last", "all" or indices like "0,3"') from None
+                raise bad(
+                    "arca_layers", self.arca_layers, 'use "last", "all" or indices like "0,3"'
+                ) from None
         if self.task == "math" and not self.data:
             raise bad("data", self.data, 'task "math" needs --data (a local JSONL path or an HF dataset id)')
 
@@ -189,7 +192,9 @@ class RunConfig:
             else:
                 value = float(text)
         except ValueError:
-            raise ValueError(f'alpha={self.alpha!r} is not valid: use a number or a rank multiple like "2r"') from None
+            raise ValueError(
+                f'alpha={self.alpha!r} is not valid: use a number or a rank multiple like "2r"'
+            ) from None
         if value <= 0:
             raise ValueError(f"alpha={self.alpha!r} is not valid: it must be > 0")
         return value
@@ -276,8 +281,12 @@ def field_docs(cls: type = RunConfig) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
     return docs
 

@@ -49,7 +49,9 @@ def generate(
     for s in range(0, len(prompts), batch_size):
         # Same prompt tokenisation as TRL's GRPOTrainer (`processing_class(text=prompts)`).
         enc = tokenizer(text=prompts[s : s + batch_size], return_tensors="pt", padding=True).to(device)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+        sampling = (
+            dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+        )
         ids = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -92,5 +94,7 @@ def evaluate(
     )
     model.train(was_training)
     greedy_correct = np.array([task.reward(c, a) for c, a in zip(greedy, answers, strict=True)])
-    sampled_correct = np.array([task.reward(c, answers[i // k]) for i, c in enumerate(sampled)]).reshape(-1, k)
+    sampled_correct = np.array([task.reward(c, answers[i // k]) for i, c in enumerate(sampled)]).reshape(
+        -1, k
+    )
     return EvalResult(greedy_correct, sampled_correct.max(axis=1), k)

@@ -27,12 +27,12 @@ def resolve_device_dtype(cfg: RunConfig) -> tuple[torch.device, torch.dtype]:
 
 
 def resolve_model_path(model: str) -> str:
-    """"embedded" -> the cached tiny model directory (built on first use); a local path must exist."""
+    """ "embedded" -> the cached tiny model directory (built on first use); a local path must exist."""
     if model == "embedded":
         from arca_lab.embedded import embedded_model_dir
 
         return str(embedded_model_dir())
-    looks_local = model.startswith((".", "/", "~")) or os.sep in model and not _looks_like_hub_id(model)
+    looks_local = model.startswith((".", "/", "~")) or (os.sep in model and not _looks_like_hub_id(model))
     if looks_local and not Path(model).expanduser().is_dir():
         raise FileNotFoundError(
             f"model directory {model!r} does not exist: pass an existing directory saved with save_pretrained, "
@@ -65,7 +65,9 @@ def lm_head_of(model: nn.Module) -> nn.Module:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     if head is None:
-        raise ValueError(f"{type(base).__name__} has no output embeddings: arca-lab needs a causal LM with a head")
+        raise ValueError(
+            f"{type(base).__name__} has no output embeddings: arca-lab needs a causal LM with a head"
+        )
     return head
 
 
@@ -104,7 +106,9 @@ def lora_config(cfg: RunConfig, model: nn.Module) -> LoraConfig:
     """peft LoraConfig for the run; the scaling rule becomes peft's alpha/r, rsLoRA's alpha/sqrt(r), or alpha*r/r."""
     names = [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
     if not names:
-        raise ValueError("target_modules is empty: use all-linear, lm_head, or module names like q_proj,v_proj")
+        raise ValueError(
+            "target_modules is empty: use all-linear, lm_head, or module names like q_proj,v_proj"
+        )
     if names == ["all-linear"]:
         targets: str | list[str] = "all-linear"
     else:

@@ -36,7 +36,9 @@ def git_sha() -> str:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True
+        ).stdout
         return sha + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -82,11 +84,17 @@ def build_dataset(
     ds = xr.Dataset(coords={"step": np.arange(1, len(step_logs) + 1)})
     keys = sorted({k for log in step_logs for k in log if k != "step"})
     for key in keys:
-        ds[key.replace("/", "_")] = ("step", np.array([log.get(key, np.nan) for log in step_logs], dtype=float))
+        ds[key.replace("/", "_")] = (
+            "step",
+            np.array([log.get(key, np.nan) for log in step_logs], dtype=float),
+        )
     if last_batch is not None:
         mask = last_batch["completion_mask"].numpy().astype(bool)
         ds["completion_mask"] = (("sample", "token"), mask.astype(np.int8))
-        ds["completion_ids"] = (("sample", "token"), _pad(last_batch["completion_ids"].numpy(), mask, -1).astype(int))
+        ds["completion_ids"] = (
+            ("sample", "token"),
+            _pad(last_batch["completion_ids"].numpy(), mask, -1).astype(int),
+        )
         for key, value in last_batch.items():
             if key in ("completion_ids", "completion_mask"):
                 continue

@@ -36,7 +36,9 @@ EVAL_SEED = 0
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out} exists: pass --overwrite to replace it, or choose another --out")
+        raise FileExistsError(
+            f"output directory {out} exists: pass --overwrite to replace it, or choose another --out"
+        )
     parent = out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     if not os.access(parent, os.W_OK):
@@ -143,7 +145,9 @@ def train(cfg: RunConfig, progress: bool = True) -> Path:
     transformers.set_seed(cfg.seed)
     model, tokenizer = load_policy(cfg)
     task = load_task(cfg)
-    train_rows = _fit_prompts(task.train_rows(cfg.steps * cfg.prompts_per_step, seed=cfg.seed), tokenizer, cfg)
+    train_rows = _fit_prompts(
+        task.train_rows(cfg.steps * cfg.prompts_per_step, seed=cfg.seed), tokenizer, cfg
+    )
     eval_rows = task.eval_rows(cfg.eval_prompts, seed=EVAL_SEED)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))

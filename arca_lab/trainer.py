@@ -23,7 +23,6 @@ the probe and the credit only ever use the latter.
 from __future__ import annotations
 
 import re
-
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -48,9 +47,13 @@ class ArcaGRPOConfig(GRPOConfig):
     """`GRPOConfig` plus token credit and the KL probe. Swap it in for `GRPOConfig` together with the trainer."""
 
     credit: str = field(default="uniform", metadata={"help": f"Token credit, one of {CREDITS}."})
-    sharpening: float = field(default=1.0, metadata={"help": "Power on scores before normalising (paper runs: 2)."})
+    sharpening: float = field(
+        default=1.0, metadata={"help": "Power on scores before normalising (paper runs: 2)."}
+    )
     credit_eps: float = field(default=1e-8, metadata={"help": "Floor added to scores (ARCA eq. normalize)."})
-    arca_layers: str = field(default="last", metadata={"help": '"last", "all" or comma-separated layer indices.'})
+    arca_layers: str = field(
+        default="last", metadata={"help": '"last", "all" or comma-separated layer indices.'}
+    )
     layer_aggregate: str = field(default="mean", metadata={"help": "mean | max | sum | rms over layers."})
     kl_probe: bool = field(default=True, metadata={"help": "Log exact full-vocabulary KL to the base model."})
 
@@ -89,7 +92,9 @@ class ArcaGRPOTrainer(GRPOTrainer):
             self.model.delete_adapter("ref")
         cfg: ArcaGRPOConfig = self.args
         if not isinstance(cfg, ArcaGRPOConfig):
-            raise TypeError("ArcaGRPOTrainer needs args=ArcaGRPOConfig(...) (a GRPOConfig with credit fields)")
+            raise TypeError(
+                "ArcaGRPOTrainer needs args=ArcaGRPOConfig(...) (a GRPOConfig with credit fields)"
+            )
         self.token_roles = token_roles
         policy = self.accelerator.unwrap_model(self.model)
         self._is_peft = hasattr(policy, "disable_adapter")
@@ -128,7 +133,9 @@ class ArcaGRPOTrainer(GRPOTrainer):
             if layer_states is not None:
                 out["base_layer_states"] = layer_states
             if self.beta != 0.0:
-                out["ref_per_token_logps"] = self._ref_logps(out["base_hidden"], out["completion_ids"])  # (B, T)
+                out["ref_per_token_logps"] = self._ref_logps(
+                    out["base_hidden"], out["completion_ids"]
+                )  # (B, T)
         return out
 
     def _roles(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
@@ -154,7 +161,9 @@ class ArcaGRPOTrainer(GRPOTrainer):
         with policy.disable_adapter():
             for s in range(0, input_ids.size(0), chunk):
                 with self._capture(policy) as store:
-                    self._backbone(input_ids=input_ids[s : s + chunk], attention_mask=attention_mask[s : s + chunk])
+                    self._backbone(
+                        input_ids=input_ids[s : s + chunk], attention_mask=attention_mask[s : s + chunk]
+                    )
                 last.append(store["last"][:, -T - 1 : -1])
                 if self._layers:
                     layers.append(self._layer_states(store, T))
@@ -263,7 +272,9 @@ class ArcaGRPOTrainer(GRPOTrainer):
         valid = mask.bool()
         metrics["head_input/max_norm"].append(h_last.float().norm(dim=-1)[valid].max().item())
         if h_base_last is not None:
-            residual = (h_last.float() - h_base_last.float()).norm(dim=-1)[valid]  # ARCA alpha_t at the last layer
+            residual = (h_last.float() - h_base_last.float()).norm(dim=-1)[
+                valid
+            ]  # ARCA alpha_t at the last layer
             metrics["residual/mean"].append(residual.mean().item())
             metrics["residual/max"].append(residual.max().item())
             metrics["head_input/base_max_norm"].append(h_base_last.float().norm(dim=-1)[valid].max().item())
@@ -286,7 +297,9 @@ class ArcaGRPOTrainer(GRPOTrainer):
     def _lora_branches(policy: nn.Module) -> list[LoraLayer]:
         layers = [m for m in backbone_of(policy).modules() if isinstance(m, LoraLayer)]
         if not layers:
-            raise ValueError("credit='arca_branch' needs LoRA layers inside the backbone (not only on lm_head)")
+            raise ValueError(
+                "credit='arca_branch' needs LoRA layers inside the backbone (not only on lm_head)"
+            )
         return layers
 
     @contextmanager
@@ -297,7 +310,9 @@ class ArcaGRPOTrainer(GRPOTrainer):
         store: dict[str, Any] = {"layers": [], "branches": []}
         handles = []
         for layer in self._layers:
-            handles.append(layer.register_forward_hook(lambda m, a, o: store["layers"].append(_first(o).detach())))
+            handles.append(
+                layer.register_forward_hook(lambda m, a, o: store["layers"].append(_first(o).detach()))
+            )
         if branches:
             for lora in self._branches:
                 handles.append(_register_branch_hook(lora, store["branches"]))
@@ -394,4 +409,3 @@ def _first(output: Any) -> torch.Tensor:
     if hasattr(output, "last_hidden_state"):
         return output.last_hidden_state
     return output[0]
-

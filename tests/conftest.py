@@ -21,8 +21,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_qwen3")
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
-    spec = EmbeddedSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        num_key_value_heads=2, head_dim=16)
+    spec = EmbeddedSpec(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
     build_model(spec, tokenizer).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

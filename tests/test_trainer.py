@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 import transformers
+from trainer_utils import make_trainer, one_batch
 
 import arca_lab.trainer as trainer_module
-from trainer_utils import make_trainer, one_batch
 
 
 def _lora_params(model):
@@ -21,7 +21,9 @@ def _completion_logps(model, inputs) -> torch.Tensor:
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
     T = inputs["completion_ids"].size(1)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, -T - 1 : -1].float()  # (B, T, V), temperature 1
+    logits = (
+        model(input_ids=ids, attention_mask=mask).logits[:, -T - 1 : -1].float()
+    )  # (B, T, V), temperature 1
     return logits.log_softmax(-1).gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
 
 
@@ -31,12 +33,15 @@ def test_gradient_is_the_token_weighted_estimator(tiny_model_dir, tmp_path, monk
     g = torch.Generator().manual_seed(7)
 
     def random_weights(credit, *, completion_mask, **kwargs):
-        raw = torch.rand(completion_mask.shape, generator=g) ** 4 * completion_mask  # (B, T), far from uniform
+        raw = (
+            torch.rand(completion_mask.shape, generator=g) ** 4 * completion_mask
+        )  # (B, T), far from uniform
         return raw / raw.sum(-1, keepdim=True).clamp_min(1e-12), raw
 
     monkeypatch.setattr(trainer_module, "compute_credit_weights", random_weights)
-    trainer, rows = make_trainer(tiny_model_dir, tmp_path, credit="surprisal", perturb_b=0.05,
-                                 target_modules=target_modules)
+    trainer, rows = make_trainer(
+        tiny_model_dir, tmp_path, credit="surprisal", perturb_b=0.05, target_modules=target_modules
+    )
     inputs = one_batch(trainer, rows)
     A = inputs["seq_advantages"]
     assert A.abs().sum() > 0, "the test needs non-zero advantages"
@@ -67,8 +72,9 @@ def test_uniform_credit_is_plain_grpo(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("target_modules", ["all-linear", "lm_head"])
 def test_kl_probe_matches_a_merged_copy(tiny_model_dir, tmp_path, target_modules):
-    trainer, rows = make_trainer(tiny_model_dir, tmp_path, credit="arca", perturb_b=0.3,
-                                 target_modules=target_modules)
+    trainer, rows = make_trainer(
+        tiny_model_dir, tmp_path, credit="arca", perturb_b=0.3, target_modules=target_modules
+    )
     inputs = one_batch(trainer, rows)
     trainer.compute_loss(trainer.model, inputs)
     probe = trainer.last_batch
@@ -154,20 +160,37 @@ def test_forward_passes_per_step(tiny_model_dir, tmp_path, monkeypatch, credit, 
 def test_plain_trl_with_beta_makes_two_forwards(tiny_model_dir, tmp_path, monkeypatch):
     """The reference for the table above: TRL's own GRPOTrainer with beta > 0 and a peft adapter."""
     from datasets import Dataset
+    from trainer_utils import length_reward
     from trl import GRPOConfig, GRPOTrainer
 
     from arca_lab.config import make_config
     from arca_lab.models import load_policy, lora_config
-    from trainer_utils import length_reward
 
     cfg = make_config(model=str(tiny_model_dir), rank=4)
     model, tokenizer = load_policy(cfg)
     rows = [{"prompt": "12+34+56="}] * 2
-    args = GRPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8, num_generations=4,
-                      max_completion_length=8, beta=0.05, use_cpu=True, bf16=False, report_to="none",
-                      gradient_checkpointing=False, save_strategy="no", disable_tqdm=True)
-    trainer = GRPOTrainer(model=model, reward_funcs=length_reward, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, peft_config=lora_config(cfg, model))
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        beta=0.05,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        gradient_checkpointing=False,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=length_reward,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg, model),
+    )
     trainer._backbone = trainer.model.get_base_model().base_model
     counter = _ForwardCounter(trainer, monkeypatch)
     trainer.train()
@@ -176,7 +199,9 @@ def test_plain_trl_with_beta_makes_two_forwards(tiny_model_dir, tmp_path, monkey
 
 def test_beta_uses_base_pass_as_reference(tiny_model_dir, tmp_path):
     """ref_per_token_logps from the shared base pass equal TRL's own reference computation."""
-    trainer, rows = make_trainer(tiny_model_dir, tmp_path, credit="arca", beta=0.05, perturb_b=0.3, temperature=0.7)
+    trainer, rows = make_trainer(
+        tiny_model_dir, tmp_path, credit="arca", beta=0.05, perturb_b=0.3, temperature=0.7
+    )
     inputs = one_batch(trainer, rows)
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
@@ -190,15 +215,20 @@ def test_beta_uses_base_pass_as_reference(tiny_model_dir, tmp_path):
 
 def test_arca_without_adapter_is_refused(tiny_model_dir, tmp_path):
     from datasets import Dataset
+    from trainer_utils import length_reward
 
     from arca_lab.config import make_config
     from arca_lab.models import load_policy
     from arca_lab.run import grpo_args
     from arca_lab.trainer import ArcaGRPOTrainer
-    from trainer_utils import length_reward
 
     cfg = make_config(model=str(tiny_model_dir), credit="arca", num_generations=2, prompts_per_step=2)
     model, tokenizer = load_policy(cfg)
     with pytest.raises(ValueError, match="peft_config"):
-        ArcaGRPOTrainer(model=model, reward_funcs=length_reward, args=grpo_args(cfg, str(tmp_path), False),
-                        train_dataset=Dataset.from_list([{"prompt": "1+2+3="}] * 2), processing_class=tokenizer)
+        ArcaGRPOTrainer(
+            model=model,
+            reward_funcs=length_reward,
+            args=grpo_args(cfg, str(tmp_path), False),
+            train_dataset=Dataset.from_list([{"prompt": "1+2+3="}] * 2),
+            processing_class=tokenizer,
+        )

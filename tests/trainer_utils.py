@@ -20,8 +20,16 @@ def length_reward(prompts, completions, **kwargs) -> list[float]:
 def make_trainer(model_dir, tmp_path, seed: int = 0, perturb_b: float = 0.0, **overrides):
     from arca_lab.trainer import ArcaGRPOTrainer
 
-    values = dict(model=str(model_dir), steps=2, prompts_per_step=2, num_generations=4, max_completion_length=12,
-                  rank=4, seed=seed, out=str(tmp_path / "run"))
+    values = dict(
+        model=str(model_dir),
+        steps=2,
+        prompts_per_step=2,
+        num_generations=4,
+        max_completion_length=12,
+        rank=4,
+        seed=seed,
+        out=str(tmp_path / "run"),
+    )
     values.update(overrides)
     cfg = make_config(**values)
     transformers.set_seed(seed)
@@ -49,7 +57,10 @@ def one_batch(trainer, rows):
     """Generate and score one generation batch, as TRL does at the start of a step."""
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop; compute_loss divides by it
-    batch = [r for r in rows[: trainer.args.per_device_train_batch_size // trainer.num_generations]
-             for _ in range(trainer.num_generations)]
+    batch = [
+        r
+        for r in rows[: trainer.args.per_device_train_batch_size // trainer.num_generations]
+        for _ in range(trainer.num_generations)
+    ]
     torch.manual_seed(0)
     return trainer._generate_and_score_completions(batch)
