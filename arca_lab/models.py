@@ -61,23 +61,25 @@ def load_policy(cfg: RunConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
 
 
 def lm_head_of(model: nn.Module) -> nn.Module:
-    """The output projection (via `get_output_embeddings`, never by name); unwraps a peft model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
+    """The output layer (hidden state -> vocabulary logits) as the model reports it, never found by name."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
     if head is None:
         raise ValueError(
-            f"{type(base).__name__} has no output embeddings: arca-lab needs a causal LM with a head"
+            f"{type(model).__name__}.get_output_embeddings() returned None: load the model with "
+            "AutoModelForCausalLM (a bare AutoModel has no output layer)"
         )
     return head
 
 
 def lm_head_module_name(model: nn.Module) -> str:
-    """Dotted name of the output layer inside `model` (e.g. "lm_head", "embed_out"), found by identity."""
+    """Dotted name of `lm_head_of(model)` inside `model` (e.g. "lm_head", "cls.predictions.decoder"; under
+    peft "base_model.model.lm_head"), found by identity; usable as a peft ``target_modules`` entry."""
     head = lm_head_of(model)
     for name, module in model.named_modules():
         if module is head:
             return name
-    raise ValueError("the output layer is not a submodule of the model")
+    raise ValueError(f"the output layer of {type(model).__name__} is not a submodule of it")
 
 
 def base_head(model: nn.Module) -> nn.Module:
