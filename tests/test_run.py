@@ -1,0 +1,136 @@
+"""End to end: `train` writes a valid run directory; real-model path on stand-ins; CLI errors that name the fix."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from arca_lab.cli import main
+from arca_lab.config import make_config
+from arca_lab.results import load_run
+from arca_lab.run import train
+from arca_lab.testing import make_tiny_causal_lm
+
+DATA = Path(__file__).parent / "data" / "math_tiny.jsonl"
+TINY = dict(
+    steps=2, prompts_per_step=2, num_generations=2, max_completion_length=12, eval_prompts=4, pass_k=2
+)
+
+
+def test_train_writes_a_complete_run(tiny_model_dir, tmp_path):
+    out = train(
+        make_config(model=str(tiny_model_dir), credit="arca", rank=2, out=str(tmp_path / "r"), **TINY),
+        progress=False,
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.json", "run.nc"]
+    ds = load_run(out)
+    assert ds.sizes["step"] == 2
+    for name in (
+        "reward",
+        "learning_rate",
+        "grad_norm",
+        "credit_gini",
+        "credit_etr",
+        "credit_effn",
+        "kl_kl_ref_policy_mean",
+        "kl_kl_policy_ref_max",
+        "kl_k3_mean",
+        "residual_max",
+        "credit_role_mass_format",
+        "head_input_max_norm",
+    ):
+        assert ds[name].dims == ("step",), name
+    assert ds["weights"].dims == ("sample", "token")
+    mask = ds["completion_mask"].values.astype(bool)
+    w = ds["weights"].values
+    assert math.isclose(float(w[mask].sum()), mask.any(axis=1).sum(), rel_tol=1e-5)  # each row sums to 1
+    assert math.isnan(w[~mask]).all() if (~mask).any() else True
+    assert ds["a0_fro"].dims == ("layer",) and (ds["a0_fro"] > 0).all()
+    assert float(ds["w_lm_op_norm"]) > 0 and float(ds["max_head_input_norm"]) > 0
+    assert ds["rank"].item() == 2 and ds["credit"].item() == "arca"
+    cfg = json.loads(ds.attrs["config_json"])
+    assert cfg["credit"] == "arca" and ds.attrs["git_sha"]
+    assert json.loads((out / "config.json").read_text()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("arch", "targets"), [("qwen3", "all-linear"), ("llama", "lm_head"), ("gpt2", "all-linear")]
+)
+def test_real_model_path_on_standins(tmp_path, arch, targets):
+    """The --model DIR / --task math path (math-verify reward, boxed answers) on tiny local stand-ins."""
+    model_dir = make_tiny_causal_lm(tmp_path / arch, arch)
+    cfg = make_config(
+        model=str(model_dir),
+        task="math",
+        data=str(DATA),
+        credit="divergence",
+        rank=2,
+        target_modules=targets,
+        max_prompt_length=128,
+        out=str(tmp_path / "run"),
+        **TINY,
+    )
+    out = train(cfg, progress=False)
+    ds = load_run(out)
+    assert ds.sizes["step"] == 2 and ds["task"].item() == "math"
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter")
+    names = [n for n, _ in adapted.named_parameters() if "lora_A" in n]
+    assert names and all(("lm_head" in n) == (targets == "lm_head") for n in names)
+
+
+def test_cli_help_lists_config_docstrings(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--sharpening" in text and "Power p on the scores" in text and "--target-modules" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--credit", "gini"], "choose one of"),
+        (["--rank", "0"], "rank >= 1"),
+        (["--scaling", "sqrt"], "choose one of"),
+        (["--model", "./no/such/dir"], "does not exist"),
+        (["--alpha", "two"], "rank multiple"),
+    ],
+)
+def test_cli_rejects_bad_input(tmp_path, capsys, args, message):
+    assert main(["train", "--out", str(tmp_path / "x"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_existing_output_is_kept(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / "run.nc").write_text("finished results")
+    assert main(["train", "--model", str(tiny_model_dir), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    # --overwrite whose run fails (NaN reward) leaves the finished directory untouched
+    import arca_lab.tasks.arith as arith
+
+    monkeypatch.setattr(arith.ArithTask, "reward", lambda self, c, a: float("nan"))
+    cfg = make_config(model=str(tiny_model_dir), out=str(out), overwrite=True, **TINY)
+    with pytest.raises(ValueError, match="NaN reward"):
+        train(cfg, progress=False)
+    assert (out / "run.nc").read_text() == "finished results"
+    assert [p.name for p in tmp_path.iterdir()] == ["done"]  # no staging directory left behind
+
+
+def test_overwrite_replaces_after_success(tiny_model_dir, tmp_path):
+    out = tmp_path / "r"
+    cfg = make_config(model=str(tiny_model_dir), out=str(out), **TINY)
+    train(cfg, progress=False)
+    first = load_run(out).attrs["config_json"]
+    torch.manual_seed(0)
+    train(
+        make_config(model=str(tiny_model_dir), out=str(out), overwrite=True, seed=1, **TINY), progress=False
+    )
+    assert json.loads(load_run(out).attrs["config_json"])["seed"] == 1 != json.loads(first)["seed"]
