@@ -4,6 +4,9 @@
     arca-lab train --preset arca-paper --out runs/paper            # the ARCA paper's setup, on a GPU
     arca-lab eval runs/arca-r4                                     # greedy accuracy and pass@k of a trained run
     arca-lab theory [check]                                        # KL bounds; check them on a softmax layer
+    arca-lab sweep --out sweeps/default                            # papermill sweep over rank x credit
+    arca-lab verify-bound RUN_OR_SWEEP_DIR                         # KL bounds vs trained adapters
+    arca-lab report SWEEP_DIR                                      # re-execute the analysis notebook
 
 `train --help` lists every RunConfig field with its docstring.
 """
@@ -11,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from dataclasses import MISSING, fields
@@ -65,10 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "theory":  # its own parser (theory/cli.py) owns the arguments
-        from theory.cli import main as theory_main
-
-        return theory_main(argv[1:])
+    delegated = {  # subcommands whose own module parses their arguments
+        "theory": "theory.cli:main",
+        "sweep": "arca_lab.sweep:main",
+        "report": "arca_lab.sweep:report_main",
+        "verify-bound": "arca_lab.verify:main",
+    }
+    if argv and argv[0] in delegated:
+        module, func = delegated[argv[0]].split(":")
+        return getattr(importlib.import_module(module), func)(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
