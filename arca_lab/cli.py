@@ -1,4 +1,4 @@
-"""`arca-lab` command line: train, eval, theory.
+"""`arca-lab` command line: train, eval, theory, sweep, verify-bound, report.
 
     arca-lab train --credit arca --rank 4 --out runs/arca-r4        # embedded default, CPU, about a minute
     arca-lab train --preset arca-paper --out runs/paper            # the ARCA paper's setup, on a GPU
@@ -60,10 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir", type=Path, help="a directory written by `arca-lab train`")
     ev.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts (default: the run's)")
 
-    th = sub.add_parser("theory", help="print the KL bounds, or `theory check` them on a softmax layer")
-    th.add_argument(
-        "rest", nargs=argparse.REMAINDER, help="arguments for the theory CLI (e.g. check --quick)"
-    )
+    for name, text in [
+        ("theory", "print the KL bounds, or `theory check` them on a softmax layer"),
+        ("sweep", "run the papermill sweep over rank x credit x seed x arm x alpha rule"),
+        ("verify-bound", "check the KL bounds against a trained run (or every run of a sweep)"),
+        ("report", "re-execute a sweep's analysis notebook"),
+    ]:
+        sub.add_parser(name, help=text, add_help=False)  # listed here; `arca-lab NAME --help` for its options
     return parser
 
 
