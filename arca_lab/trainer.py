@@ -2,7 +2,7 @@
 
 How this departs from textbook GRPO (TRL 1.16 `GRPOTrainer`):
 1. Token credit. Each completion's advantage A_i is spread over its tokens as A_i * T_i * w_{i,t}, with w from the
-   chosen credit (ARCA paper, arXiv 2606.00257, eqs. estimator and normalize). With `loss_type="grpo"` the gradient
+   chosen credit (ARCA paper, arXiv 2606.00257: the token-weighted estimator and eq. normalize). With `loss_type="grpo"` the gradient
    is the paper's estimator -mean_i A_i sum_t w_t grad log pi_t; uniform w = 1/T gives TRL's loss back exactly.
 2. No extra adapted forward for credit. Adapted hidden states are read by a forward hook from the loss forward
    itself; adapted log-probs and entropies are the LoRA head applied to them (no grad). The weights are written
@@ -34,7 +34,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from trl import GRPOConfig, GRPOTrainer
 
-from arca_lab.credit import CREDITS, compute_credit_weights, token_advantages
+from arca_lab.credit import CREDITS, LAYER_AGGREGATES, compute_credit_weights, token_advantages
 from arca_lab.diagnostics import summarize_credit
 from arca_lab.kl import kl_probe, summarize_kl
 from arca_lab.models import backbone_of, base_head, decoder_layers, lm_head_module_name, lm_head_of
@@ -63,6 +63,10 @@ class ArcaGRPOConfig(GRPOConfig):
             raise ValueError(f"credit={self.credit!r} is not valid: choose one of {CREDITS}")
         if self.sharpening <= 0:
             raise ValueError(f"sharpening={self.sharpening} is not valid: use a power > 0")
+        if self.layer_aggregate not in LAYER_AGGREGATES:
+            raise ValueError(
+                f"layer_aggregate={self.layer_aggregate!r} is not valid: choose one of {LAYER_AGGREGATES}"
+            )
 
 
 class ArcaGRPOTrainer(GRPOTrainer):

@@ -232,3 +232,23 @@ def test_arca_without_adapter_is_refused(tiny_model_dir, tmp_path):
             train_dataset=Dataset.from_list([{"prompt": "1+2+3="}] * 2),
             processing_class=tokenizer,
         )
+
+
+def test_arca_on_all_layers_shares_the_base_pass(tiny_model_dir, tmp_path, monkeypatch):
+    """ARCA over every decoder layer: weights differ from last-layer ARCA, still one extra forward."""
+    weights = {}
+    for layers in ("last", "all"):
+        trainer, rows = make_trainer(
+            tiny_model_dir,
+            tmp_path / layers,
+            credit="arca",
+            arca_layers=layers,
+            layer_aggregate="max",
+            perturb_b=0.3,
+        )
+        inputs = one_batch(trainer, rows)
+        trainer.compute_loss(trainer.model, inputs)
+        weights[layers] = trainer.last_batch["weights"]
+        assert trainer.forward_counts == {"base": 1, "loss": 1}
+    mask = trainer.last_batch["completion_mask"].bool()
+    assert not torch.allclose(weights["last"][mask], weights["all"][mask], atol=1e-4)
