@@ -1,0 +1,387 @@
+"""Sweep analysis: the theory's predictions beside a sweep's measurements, as tables the analysis notebook plots.
+
+Inputs are a sweep cube (`arca_lab.sweep.load_sweep`, layout in that module's docstring) and its run directories.
+Every function returns a pandas DataFrame with one row per grid point (or per group of grid points) and never
+plots, so `notebooks/rank_sweep_analysis.ipynb` only draws what these functions computed.
+
+Sources:
+- KL bounds: `arca_lab.verify` (theory/aposteriori.md P2–P4, theory/apriori.md A6/A7).
+- Rank exponent γ in E[KL] ∝ r^γ: `theory.rank_scaling.predict_gamma` (prediction, measure "mean": the mean
+  KL over contexts, theory/rank_scaling.md §3.4, §6) and `fit_gamma` (least-squares slope of log mean-over-seeds
+  KL on log r, seed-bootstrap percentile CI, §8).
+- Credit regimes: `theory.credit_degeneracy.predict_regime` per completion, from the range of its raw scores
+  (theory/credit_degeneracy.md §2, §6); Gini and ETR as in the ARCA paper (arXiv 2606.00257, diagnostics).
+- Reference values: ARCA paper Table 3 (`ARCA_TABLE3`).
+
+Notation:
+    point: one grid point with a run (axes rank, credit, seed, arm, alpha_rule, + extra axes such as beta)
+    "last-steps mean": mean of a per-step metric over the run's last `last_steps` logged steps
+    kl_policy_ref = KL(π_θ‖π_ref), kl_ref_policy = KL(π_ref‖π_θ) (MERL's direction), exact per token (run.nc)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+ARCA_TABLE3: dict[tuple[str, int], tuple[float, float]] = {
+    ("uniform", 64): (0.000, 1.000),
+    ("surprisal", 64): (0.941, 0.052),
+    ("entropy_reduction", 64): (0.920, 0.073),
+    ("divergence", 64): (0.939, 0.055),
+    ("arca", 4): (0.353, 0.467),
+    ("arca", 16): (0.388, 0.460),
+    ("arca", 64): (0.490, 0.334),
+}
+"""ARCA paper (arXiv 2606.00257) Table 3, (Gini, ETR) per (credit, rank): Qwen3-1.7B-Base on MATH, one seed."""
+
+DIRECTIONS = ("kl_policy_ref", "kl_ref_policy")
+STEP_METRICS = {
+    "reward": "reward",
+    "kl_policy_ref_mean": "kl_kl_policy_ref_mean",
+    "kl_ref_policy_mean": "kl_kl_ref_policy_mean",
+    "gini": "credit_gini",
+    "etr": "credit_etr",
+    "effn": "credit_effn",
+    "format_mass": "credit_role_mass_format",
+    "step_time": "step_time",
+}
+"""run_points column -> per-step run.nc variable, summarised by its last-steps mean."""
+
+
+def sweep_axes(cube: xr.Dataset) -> list[str]:
+    """The grid axes of a sweep cube (the dims of its `run_id` coordinate)."""
+    return list(cube["run_id"].dims)
+
+
+def _points(cube: xr.Dataset):
+    axes = sweep_axes(cube)
+    for idx in zip(*np.nonzero(cube["has_run"].values), strict=True):
+        yield cube.isel(dict(zip(axes, idx, strict=True)))
+
+
+def _coord(point: xr.Dataset, name: str, default: Any = math.nan) -> Any:
+    return point.coords[name].item() if name in point.coords else default
+
+
+def _last(point: xr.Dataset, last_steps: int) -> xr.Dataset:
+    """The point's last `last_steps` steps that have a reward (shorter runs are NaN-padded in the cube)."""
+    if "reward" not in point:
+        return point
+    steps = point["step"].values[~np.isnan(point["reward"].values)]
+    return point.sel(step=steps[-last_steps:]) if len(steps) else point
+
+
+def clip_regime(point: xr.Dataset) -> str:
+    """SGD's clip regime for `predict_gamma`: "active" (every step clipped), "inactive" (none) or "mixed".
+
+    Adam's step does not depend on the gradient scale, so its regime is "inactive" by convention.
+    """
+    if _coord(point, "optimizer", "adamw") != "sgd":
+        return "inactive"
+    clip = float(_coord(point, "grad_clip"))
+    g = point["grad_norm"].values if "grad_norm" in point else np.zeros(0)
+    g = g[~np.isnan(g)]
+    if math.isnan(clip) or not np.any(g > clip):
+        return "inactive"
+    return "active" if np.all(g > clip) else "mixed"
+
+
+def run_points(cube: xr.Dataset, last_steps: int = 3) -> pd.DataFrame:
+    """One row per grid point with a run: axis values, run_id, last-steps means of `STEP_METRICS`, the max over
+    steps of the per-step max KL (both directions), accuracies before/after, optimiser, scaling, beta, clip regime.
+    """
+    if last_steps < 1:
+        raise ValueError(f"last_steps must be >= 1, got {last_steps}")
+    rows = []
+    axes = sweep_axes(cube)
+    for p in _points(cube):
+        row: dict[str, Any] = {a: p[a].item() for a in axes}
+        row["run_id"] = p["run_id"].item()
+        last = _last(p, last_steps)
+        for col, var in STEP_METRICS.items():
+            row[col] = float(last[var].mean()) if var in p else math.nan
+        for d in DIRECTIONS:  # the largest per-token KL the probe saw in any step
+            row[f"{d}_max"] = float(p[f"kl_{d}_max"].max()) if f"kl_{d}_max" in p else math.nan
+        for when in ("before", "after"):
+            row[f"acc_{when}"] = (
+                float(p[f"greedy_accuracy_{when}"]) if f"greedy_accuracy_{when}" in p else math.nan
+            )
+            row[f"pass_{when}"] = float(p[f"pass_at_k_{when}"]) if f"pass_at_k_{when}" in p else math.nan
+        for name in ("optimizer", "scaling", "beta", "target_modules", "sharpening", "credit_eps"):
+            row.setdefault(name, _coord(p, name))
+        row["clip_regime"] = clip_regime(p)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------- rank exponent
+def gamma_table(
+    points: pd.DataFrame,
+    group_by: Sequence[str] = ("arm", "alpha_rule", "credit", "beta"),
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Fitted vs predicted rank exponent γ of the last-steps mean KL, per group and KL direction.
+
+    Groups with fewer than 2 ranks are left out; seeds missing a rank of their group are dropped (the fit pairs
+    ranks within a seed). The prediction needs one optimiser, scaling and clip regime per group (else NaN) and
+    is the single-layer theory's (exact for the head arm, a reference for the all-linear arm).
+    """
+    from theory.rank_scaling import fit_gamma, predict_gamma
+
+    keys = [k for k in group_by if k in points.columns]
+    out = []
+    for values, g in points.groupby(keys, dropna=False) if keys else [((), points)]:
+        ranks = sorted(g["rank"].unique())
+        if len(ranks) < 2:
+            continue
+        values = values if isinstance(values, tuple) else (values,)
+        pred, regime, note = math.nan, "", ""
+        fixed = {c: g[c].unique() for c in ("optimizer", "scaling", "clip_regime")}
+        if all(len(v) == 1 for v in fixed.values()) and fixed["clip_regime"][0] != "mixed":
+            try:
+                gp = predict_gamma(
+                    fixed["optimizer"][0],
+                    fixed["scaling"][0],
+                    g["alpha_rule"].iloc[0],
+                    fixed["clip_regime"][0],
+                    "mean",
+                )
+                pred, regime = gp.gamma, gp.regime
+            except ValueError as err:
+                note = f"no prediction: {err}"
+        else:
+            note = "no prediction: optimiser, scaling or clip regime differs within the group"
+        for d in DIRECTIONS:
+            table = g.pivot_table(index="seed", columns="rank", values=f"{d}_mean").dropna()
+            row = dict(zip(keys, values, strict=True), direction=d, ranks=tuple(ranks), n_seeds=len(table))
+            row.update(
+                gamma_pred=pred, regime=regime, gamma_fit=math.nan, lo=math.nan, hi=math.nan, note=note
+            )
+            if len(table) == 0 or (table.values <= 0).any():
+                row["note"] = "no fit: a rank has no run in every seed, or a KL is 0"
+            else:
+                fit = fit_gamma(table.columns.values, table.values, n_boot=n_boot, seed=seed)
+                row.update(gamma_fit=fit.gamma, lo=fit.lo, hi=fit.hi)
+            out.append(row)
+    return pd.DataFrame(out)
+
+
+def predicted_line(ranks: Sequence[float], values: Sequence[float], gamma: float) -> np.ndarray:
+    """c·r^γ through the geometric mean of (ranks, values): the predicted slope drawn beside measured points."""
+    r, v = np.asarray(ranks, float), np.asarray(values, float)
+    log_c = np.mean(np.log(v)) - gamma * np.mean(np.log(r))
+    return np.exp(log_c) * r**gamma
+
+
+def kl_rank_panels(kl: pd.DataFrame, gamma: pd.DataFrame) -> dict[tuple[str, str], dict[str, pd.DataFrame]]:
+    """What the KL-vs-rank figure draws: per (arm, alpha_rule) with >= 2 ranks, per credit, a rank-indexed table
+    of seed means (measured KL mean / max in both directions, the bounds when present) plus "predicted": the
+    predicted slope r^γ (kl_ref_policy) drawn through the measured means, NaN when there is no prediction."""
+    panels: dict[tuple[str, str], dict[str, pd.DataFrame]] = {}
+    for (arm, rule), g in kl.groupby(["arm", "alpha_rule"]):
+        if g["rank"].nunique() < 2:
+            continue
+        panels[(arm, rule)] = {}
+        for credit, gc in g.groupby("credit"):
+            m = gc.groupby("rank").mean(numeric_only=True)
+            sel = (
+                gamma[
+                    (gamma.arm == arm)
+                    & (gamma.alpha_rule == rule)
+                    & (gamma.credit == credit)
+                    & (gamma.direction == "kl_ref_policy")
+                ]
+                if len(gamma)
+                else gamma
+            )
+            pred = float(sel["gamma_pred"].iloc[0]) if len(sel) else math.nan
+            ok = math.isfinite(pred) and len(m) >= 2 and (m["kl_ref_policy_mean"] > 0).all()
+            m["predicted"] = predicted_line(m.index, m["kl_ref_policy_mean"], pred) if ok else math.nan
+            m.attrs["gamma_pred"] = pred
+            panels[(arm, rule)][credit] = m
+    return panels
+
+
+def gamma_caption(gamma: pd.DataFrame, arm: str, alpha_rule: str, direction: str = "kl_ref_policy") -> str:
+    """ "credit: fit γ [lo, hi], pred γ" for every credit of one panel, joined by "; "."""
+    if not len(gamma):
+        return ""
+    sel = gamma[(gamma.arm == arm) & (gamma.alpha_rule == alpha_rule) & (gamma.direction == direction)]
+    return "; ".join(
+        f"{r.credit}: fit {r.gamma_fit:+.2f} [{r.lo:+.2f}, {r.hi:+.2f}], pred {r.gamma_pred:+.2g}"
+        for r in sel.itertuples()
+    )
+
+
+# ---------------------------------------------------------------------------------------------- bounds per run
+def run_dirs_by_id(sweep_dir: str | Path, cube: xr.Dataset) -> dict[str, Path]:
+    """run_id -> run directory, for the runs below `sweep_dir` (the id recomputed from each run's config)."""
+    from arca_lab.config import RunConfig
+    from arca_lab.sweep_grid import AXES, axis_values_of, run_id
+    from arca_lab.verify import find_runs
+
+    extra = [a for a in sweep_axes(cube) if a not in AXES]
+    out = {}
+    for d in find_runs(sweep_dir):
+        cfg = RunConfig.from_json((d / "config.json").read_text())
+        out[run_id(axis_values_of(cfg, extra))] = d
+    return out
+
+
+def bounds_table(sweep_dir: str | Path, cube: xr.Dataset, prompts: int = 8, samples: int = 1):
+    """Per run: held-out max KL (both directions, τ = 1), the a-posteriori and the a-priori bound.
+
+    prompts > 0: `arca_lab.verify.verify_run` on `prompts` held-out prompts; the a-posteriori bound is the ball
+    bound K(R·D(ΔW)) for head-only runs (every prompt) and max_t K(range(W_lm Δh_t)) over the measured tokens
+    otherwise. prompts = 0: only the a-priori bound (no generation). Returns (DataFrame, list of BoundRow).
+    """
+    from arca_lab.verify import verify_run
+    from theory.softmax_kl import kl_sharp_bound
+
+    dirs = run_dirs_by_id(sweep_dir, cube)
+    rows, table = [], []
+    for p in _points(cube):
+        rid = p["run_id"].item()
+        if rid not in dirs:
+            continue
+        row: dict[str, Any] = {a: p[a].item() for a in sweep_axes(cube)} | {"run_id": rid}
+        if prompts > 0:
+            v = verify_run(dirs[rid], name=rid, prompts=prompts, samples=samples)
+            rows += v.rows
+            m = v.measurement
+            row["kind"] = m.kind
+            row["all_hold"] = all(r.holds is not False for r in v.rows)
+            for d in DIRECTIONS:
+                row[f"heldout_{d}_max"] = float(np.max(m.per_tau[1.0][d], initial=0.0))
+                row[f"aposteriori_{d}"] = _row_value(v.rows, "K(R D(dW)/tau) ball (P3)", d, math.nan)
+                row[f"apriori_{d}"] = _row_value(v.rows, "a-priori K(rho) (A6/A7)", d, math.nan)
+            if m.kind != "head-only":
+                per_token = float(np.max(kl_sharp_bound(m.shift_range), initial=0.0))
+                row.update({f"aposteriori_{d}": per_token for d in DIRECTIONS})
+        else:
+            row.update(_apriori_only(dirs[rid]))
+        table.append(row)
+    return pd.DataFrame(table), rows
+
+
+def _row_value(rows, bound: str, direction_key: str, default: float) -> float:
+    from arca_lab.verify import KL_DIRECTIONS
+
+    for r in rows:
+        if r.bound == bound and r.direction == KL_DIRECTIONS[direction_key] and r.tau == 1.0:
+            return r.bound_value
+    return default
+
+
+def _apriori_only(run_dir: Path) -> dict[str, Any]:
+    """The a-priori bound of a head-only run without generating anything (R from one probe forward)."""
+    from arca_lab.config import RunConfig
+    from arca_lab.heldout_kl import input_radius
+    from arca_lab.models import lm_head_module_name, load_policy
+    from arca_lab.results import load_run
+    from arca_lab.verify import _dir, apriori_inputs
+    from theory.apriori import apriori_kl_bound
+
+    cfg = RunConfig.from_json((run_dir / "config.json").read_text())
+    out: dict[str, Any] = {"kind": "head-only" if cfg.target_modules == "lm_head" else "backbone"}
+    if out["kind"] != "head-only":
+        return out | {f"apriori_{d}": math.nan for d in DIRECTIONS}
+    model, tokenizer = load_policy(cfg)
+    R, _ = input_radius(model, tokenizer)
+    if R is None:
+        return out | {f"apriori_{d}": math.nan for d in DIRECTIONS}
+    bound = apriori_kl_bound(apriori_inputs(load_run(run_dir), lm_head_module_name(model), R, 1.0))
+    return out | {f"apriori_{d}": bound["kl_" + _dir(d)] for d in DIRECTIONS}
+
+
+# ---------------------------------------------------------------------------------------------- credit regimes
+def credit_regimes(cube: xr.Dataset, tol: float = 0.1) -> pd.DataFrame:
+    """Per run, from its last batch: the predicted regime of each completion (`predict_regime` on the range of
+    its raw scores, with the run's ε and sharpening p), the predicted Gini / ETR / EffN intervals (means over
+    completions) and the fraction of completions whose measured Gini and ETR lie inside them (a theorem: 1)."""
+    from theory.credit_degeneracy import etr, gini, predict_regime
+
+    out = []
+    for p in _points(cube):
+        if "scores" not in p or "weights" not in p:
+            continue
+        eps, power = float(_coord(p, "credit_eps", 1e-8)), float(_coord(p, "sharpening", 1.0))
+        mask = p["completion_mask"].values == 1
+        regimes, g_hi, e_lo, n_lo, inside, g_meas, e_meas, n_meas = [], [], [], [], [], [], [], []
+        for scores, weights, m in zip(p["scores"].values, p["weights"].values, mask, strict=True):
+            T = int(m.sum())
+            if T < 2:
+                continue
+            a = np.clip(scores[m], 0.0, None)
+            pred = predict_regime(float(a.min()), float(a.max()), T, eps, power, tol=tol)
+            g, e = float(gini(weights[m])), float(etr(weights[m]))
+            regimes.append(pred["regime"])
+            g_hi.append(pred["gini"][1])
+            e_lo.append(pred["etr"][0])
+            n_lo.append(pred["etr"][0] * T)
+            g_meas.append(g)
+            e_meas.append(e)
+            n_meas.append(e * T)  # EffN = T·ETR
+            inside.append(g <= pred["gini"][1] + 1e-5 and e >= pred["etr"][0] - 1e-5)  # float32 weights
+        if not regimes:
+            continue
+        row = {a: p[a].item() for a in sweep_axes(cube)} | {"run_id": p["run_id"].item()}
+        row.update(
+            regime=Counter(regimes).most_common(1)[0][0],
+            regimes=dict(Counter(regimes)),
+            gini_last_batch=float(np.mean(g_meas)),
+            etr_last_batch=float(np.mean(e_meas)),
+            effn_last_batch=float(np.mean(n_meas)),
+            gini_pred_hi=float(np.mean(g_hi)),
+            etr_pred_lo=float(np.mean(e_lo)),
+            effn_pred_lo=float(np.mean(n_lo)),
+            inside_fraction=float(np.mean(inside)),
+        )
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def table3_reference(credit: str) -> list[tuple[int, float, float]]:
+    """(rank, Gini, ETR) reference markers of ARCA paper Table 3 for one credit (empty if it has none)."""
+    return sorted((r, g, e) for (c, r), (g, e) in ARCA_TABLE3.items() if c == credit)
+
+
+# ---------------------------------------------------------------------------------------------- curves, β, figures
+def step_curves(cube: xr.Dataset, var: str) -> pd.DataFrame:
+    """Long table (axes..., run_id, step, value) of one per-step variable for every run that logged it."""
+    if var not in cube:
+        return pd.DataFrame()
+    rows = []
+    for p in _points(cube):
+        head = {a: p[a].item() for a in sweep_axes(cube)} | {"run_id": p["run_id"].item()}
+        for step, value in zip(p["step"].values, p[var].values, strict=True):
+            if not np.isnan(value):
+                rows.append(head | {"step": int(step), "value": float(value)})
+    return pd.DataFrame(rows)
+
+
+def beta_table(points: pd.DataFrame) -> pd.DataFrame | None:
+    """Accuracy, reward and step time per (β, rank, arm) when the sweep has runs at β = 0 and at β > 0, else None."""
+    if "beta" not in points or not ((points["beta"] == 0).any() and (points["beta"] > 0).any()):
+        return None
+    cols = ["acc_before", "acc_after", "pass_after", "reward", "step_time"]
+    return points.groupby(["beta", "rank", "arm"])[cols].mean().reset_index()
+
+
+def save_figure(fig: Any, figures_dir: str | Path, name: str) -> list[Path]:
+    """Save a matplotlib figure as `name`.png and `name`.svg in `figures_dir` (created); returns both paths."""
+    out = Path(figures_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png", out / f"{name}.svg"]
+    for path in paths:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    return paths

@@ -1,0 +1,190 @@
+"""arca_lab.analysis on a tiny sweep, and notebooks/rank_sweep_analysis.ipynb executed on it under papermill.
+
+The sweep (`build_tiny_sweep` of tests/test_verify.py, built once per session): head-only LoRA at ranks 1 and 2
+(uniform credit), all-linear LoRA at rank 2 (arca credit, temperature 0.7); 2 steps each, no beta > 0 runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_verify import ALL, HEAD, SWEEP_RUNS, build_tiny_sweep
+
+from arca_lab import analysis
+from arca_lab.results import load_run
+from arca_lab.sweep import load_sweep
+from theory.credit_degeneracy import REGIMES
+
+pm = pytest.importorskip("papermill")
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "rank_sweep_analysis.ipynb"
+FIGURES = ("kl_vs_rank", "credit_concentration", "format_mass", "reward_accuracy")
+R1_HEAD = "r1-uniform-s0-head-a2r"
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_model_dir, tmp_path_factory) -> Path:
+    return build_tiny_sweep(tmp_path_factory, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def cube(sweep):
+    return load_sweep(sweep)
+
+
+@pytest.fixture(scope="module")
+def points(cube) -> pd.DataFrame:
+    return analysis.run_points(cube, last_steps=3).set_index("run_id")
+
+
+def test_run_points_are_the_runs_own_numbers(sweep, points):
+    assert set(points.index) == set(SWEEP_RUNS)
+    for rid in SWEEP_RUNS:
+        ds = load_run(sweep / "runs" / rid)
+        row = points.loc[rid]
+        # 2 logged steps, last_steps = 3: the mean over both
+        assert row["kl_ref_policy_mean"] == pytest.approx(
+            float(ds["kl_kl_ref_policy_mean"].mean()), rel=1e-12
+        )
+        assert row["kl_policy_ref_max"] == pytest.approx(float(ds["kl_kl_policy_ref_max"].max()), rel=1e-12)
+        assert row["acc_after"] == float(ds["greedy_accuracy_after"])
+        assert row["clip_regime"] == "inactive"  # AdamW: the step does not depend on the gradient scale
+    assert points.loc[ALL, "arm"] == "all" and points.loc[HEAD, "rank"] == 2
+
+
+def test_gamma_fit_of_two_ranks_is_the_log_slope(points):
+    gamma = analysis.gamma_table(points.reset_index(), n_boot=1000)
+    assert set(gamma["arm"]) == {"head"}  # the all-linear arm has one rank: no fit
+    for d in analysis.DIRECTIONS:
+        row = gamma[gamma.direction == d].iloc[0]
+        kl1, kl2 = points.loc[R1_HEAD, f"{d}_mean"], points.loc[HEAD, f"{d}_mean"]
+        assert row.gamma_fit == pytest.approx(math.log(kl2 / kl1) / math.log(2), rel=1e-9)
+        assert (
+            row.lo == row.hi == pytest.approx(row.gamma_fit)
+        )  # one seed: every bootstrap sample is the same
+        assert row.gamma_pred == 1.0  # AdamW, s = alpha/r with alpha = 2r: theory/rank_scaling.md §3.4 table
+
+
+def test_predicted_line_has_slope_gamma_through_the_geometric_mean():
+    r, v = [1.0, 4.0], [2.0, 8.0]
+    line = analysis.predicted_line(r, v, gamma=0.5)
+    assert line[1] / line[0] == pytest.approx(4.0**0.5)
+    assert np.exp(np.mean(np.log(line))) == pytest.approx(np.exp(np.mean(np.log(v))))
+
+
+def test_clip_regime_from_grad_norms():
+    import xarray as xr
+
+    def point(optimizer, norms, clip=1.0):
+        return xr.Dataset(
+            {"grad_norm": ("step", np.array(norms))}, coords={"optimizer": optimizer, "grad_clip": clip}
+        )
+
+    assert analysis.clip_regime(point("sgd", [2.0, 3.0])) == "active"
+    assert analysis.clip_regime(point("sgd", [0.5, 2.0])) == "mixed"
+    assert analysis.clip_regime(point("sgd", [0.5, 0.9])) == "inactive"
+    assert analysis.clip_regime(point("sgd", [5.0], clip=math.nan)) == "inactive"  # no clipping
+    assert analysis.clip_regime(point("adamw", [5.0])) == "inactive"
+
+
+def test_credit_regimes_contain_the_measured_concentration(cube):
+    reg = analysis.credit_regimes(cube).set_index("run_id")
+    for rid in (R1_HEAD, HEAD):  # uniform credit: zero scores fall back to exactly uniform weights
+        assert reg.loc[rid, "regime"] == "fallback-uniform"
+        assert reg.loc[rid, "gini_pred_hi"] == 0.0 and reg.loc[rid, "etr_pred_lo"] == 1.0
+    assert reg.loc[ALL, "regime"] in REGIMES and reg.loc[ALL, "gini_pred_hi"] > 0
+    assert (reg["inside_fraction"] == 1.0).all()  # a theorem (credit_degeneracy.md §2)
+    assert (reg["gini_last_batch"] <= reg["gini_pred_hi"] + 1e-5).all()
+
+
+def test_bounds_table_with_and_without_generation(sweep, cube):
+    full, rows = analysis.bounds_table(sweep, cube, prompts=2)
+    cheap, no_rows = analysis.bounds_table(sweep, cube, prompts=0)
+    assert rows and not no_rows and full["all_hold"].all()
+    full, cheap = full.set_index("run_id"), cheap.set_index("run_id")
+    for d in analysis.DIRECTIONS:
+        # the a-priori bound needs no generation: both paths give the same number
+        for rid in (R1_HEAD, HEAD):
+            assert cheap.loc[rid, f"apriori_{d}"] == pytest.approx(full.loc[rid, f"apriori_{d}"], rel=1e-12)
+        assert math.isnan(cheap.loc[ALL, f"apriori_{d}"]) and math.isnan(full.loc[ALL, f"apriori_{d}"])
+        assert (full[f"heldout_{d}_max"] <= full[f"aposteriori_{d}"]).all()
+        assert (
+            full.loc[[R1_HEAD, HEAD], f"aposteriori_{d}"] <= full.loc[[R1_HEAD, HEAD], f"apriori_{d}"]
+        ).all()
+
+
+def test_beta_table_needs_both_beta_arms(points):
+    assert analysis.beta_table(points.reset_index()) is None  # the tiny sweep has beta = 0 only
+    df = pd.DataFrame(
+        dict(
+            beta=[0.0, 0.05, 0.05],
+            rank=[4, 4, 4],
+            arm=["all"] * 3,
+            acc_before=[0.1] * 3,
+            acc_after=[0.2, 0.3, 0.5],
+            pass_after=[0.4] * 3,
+            reward=[0.5] * 3,
+            step_time=[1.0, 2.0, 4.0],
+        )
+    )
+    table = analysis.beta_table(df).set_index("beta")
+    assert table.loc[0.05, "acc_after"] == pytest.approx(0.4) and table.loc[0.05, "step_time"] == 3.0
+
+
+def test_table3_reference_and_save_figure(tmp_path):
+    assert analysis.table3_reference("arca") == [(4, 0.353, 0.467), (16, 0.388, 0.460), (64, 0.490, 0.334)]
+    assert analysis.table3_reference("surprisal") == [(64, 0.941, 0.052)]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [3, 4])
+    paths = analysis.save_figure(fig, tmp_path / "f", "x")
+    assert [p.name for p in paths] == ["x.png", "x.svg"] and all(p.stat().st_size > 1000 for p in paths)
+    plt.close(fig)
+
+
+def test_committed_notebook_is_stripped_and_declares_its_parameters():
+    nb = json.loads(NOTEBOOK.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(not c["outputs"] and c["execution_count"] is None for c in code)
+    tagged = [c for c in code if "parameters" in c["metadata"].get("tags", [])]
+    assert len(tagged) == 1
+    declared = pm.inspect_notebook(str(NOTEBOOK))
+    n_lines = sum(1 for line in "".join(tagged[0]["source"]).splitlines() if line.strip())
+    assert len(declared) == n_lines  # papermill skips lines it cannot parse (e.g. a second "=")
+    assert {"sweep_dir", "figures_dir"} <= set(declared)
+    assert all(p["help"] and p["inferred_type_name"] != "None" for p in declared.values())
+
+
+def test_notebook_runs_on_the_tiny_sweep(sweep, tmp_path):
+    figs = tmp_path / "figs"
+    start = time.perf_counter()
+    out = pm.execute_notebook(
+        str(NOTEBOOK),
+        str(tmp_path / "executed.ipynb"),
+        parameters={"sweep_dir": str(sweep), "figures_dir": str(figs), "verify_prompts": 2, "n_boot": 1000},
+        kernel_name="python3",
+        cwd=str(tmp_path),
+        progress_bar=False,
+    )
+    assert time.perf_counter() - start < 60
+    for name in FIGURES:
+        assert (figs / f"{name}.png").stat().st_size > 5_000, name  # a real plot, not an empty canvas
+        assert (figs / f"{name}.svg").is_file()
+    printed = "".join(
+        "".join(o.get("text", "")) for c in out["cells"] if c["cell_type"] == "code" for o in c["outputs"]
+    )
+    assert f"python: {sys.executable}" in printed
+    assert "0 violated bounds: all hold" in printed
+    assert "beta figure skipped" in printed  # the sweep has no beta > 0 runs
+    assert "lie in the predicted interval: 1.000" in printed
