@@ -79,6 +79,8 @@ class RunConfig:
     """TRL loss aggregation; "grpo" (per-sequence mean) makes A*T*w the ARCA estimator exactly."""
     kl_probe: bool = True
     """Log exact full-vocabulary KL to the base model (both directions) on the sampled completions."""
+    kl_probe_every: int = 0
+    """If only the probe needs the base model, probe every k-th completion (0: one per prompt; 1: all)."""
     # --- optimiser --------------------------------------------------------------------------------------
     optimizer: str = "adamw"
     """Optimiser: adamw or sgd."""
@@ -153,6 +155,8 @@ class RunConfig:
                 raise bad(name, getattr(self, name), "use a positive integer")
         if (self.prompts_per_step * self.num_generations) % self.grad_accum:
             raise bad("grad_accum", self.grad_accum, "it must divide prompts_per_step * num_generations")
+        if self.kl_probe_every < 0:
+            raise bad("kl_probe_every", self.kl_probe_every, "use 0 (one completion per prompt) or k >= 1")
         if self.beta < 0:
             raise bad("beta", self.beta, "use a KL coefficient >= 0")
         if not self.temperature > 0:

@@ -29,7 +29,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from arca_lab.models import backbone_of, base_head, lm_head_of
+from arca_lab.models import base_head, final_norm, lm_head_of
 
 
 def adapter_kind(model: nn.Module) -> str:
@@ -39,18 +39,6 @@ def adapter_kind(model: nn.Module) -> str:
     if isinstance(head, LoraLayer):
         return "mixed" if others else "head-only"
     return "backbone"
-
-
-def final_norm(model: nn.Module) -> nn.Module | None:
-    """The last RMSNorm-like module of the backbone (class name contains "RMSNorm"), or None.
-
-    Whether its output really is the input of lm_head is checked on every forward by `measure_tokens`.
-    """
-    found = None
-    for module in backbone_of(model).modules():
-        if "rmsnorm" in type(module).__name__.lower():
-            found = module
-    return found
 
 
 @torch.no_grad()

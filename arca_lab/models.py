@@ -94,6 +94,19 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return base.base_model
 
 
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The last RMSNorm-like module of the backbone (class name contains "RMSNorm"), or None.
+
+    Whether its output really is the input of lm_head is checked on every forward by
+    `arca_lab.heldout_kl.measure_tokens`.
+    """
+    found = None
+    for module in backbone_of(model).modules():
+        if "rmsnorm" in type(module).__name__.lower():
+            found = module
+    return found
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks: the ModuleList in the backbone with num_hidden_layers entries."""
     backbone = backbone_of(model)

@@ -76,6 +76,7 @@ def grpo_args(cfg: RunConfig, output_dir: str, progress: bool) -> ArcaGRPOConfig
         arca_layers=cfg.arca_layers,
         layer_aggregate=cfg.layer_aggregate,
         kl_probe=cfg.kl_probe,
+        kl_probe_every=cfg.kl_probe_every,
         max_steps=cfg.steps,
         per_device_train_batch_size=cfg.batch_completions // cfg.grad_accum,
         gradient_accumulation_steps=cfg.grad_accum,

@@ -15,7 +15,8 @@ How this departs from textbook GRPO (TRL 1.16 `GRPOTrainer`):
 5. LoRA on lm_head is trained. TRL's fused LM head multiplies by `lm_head.weight`, which for a peft layer is the
    frozen base weight; during our loss forward the fused head sees the merged, differentiable W0 + s B A instead.
 6. KL probe. Exact full-vocabulary per-token KL to the base in both directions (temperature 1), plus k1 / k3,
-   logged every step, at any beta.
+   logged every step, at any beta. Free when the credit or beta already pays for the base pass; otherwise the
+   base pass runs on one completion per prompt group (`kl_probe_every`), which keeps the probe to a few % of a step.
 Sampling log-probabilities (from the rollout) and training log-probabilities (from the loss forward) stay separate:
 the probe and the credit only ever use the latter.
 """
@@ -37,7 +38,14 @@ from trl import GRPOConfig, GRPOTrainer
 from arca_lab.credit import CREDITS, LAYER_AGGREGATES, compute_credit_weights, token_advantages
 from arca_lab.diagnostics import summarize_credit
 from arca_lab.kl import kl_probe, summarize_kl
-from arca_lab.models import backbone_of, base_head, decoder_layers, lm_head_module_name, lm_head_of
+from arca_lab.models import (
+    backbone_of,
+    base_head,
+    decoder_layers,
+    final_norm,
+    lm_head_module_name,
+    lm_head_of,
+)
 
 _NEEDS_BASE = ("arca", "divergence")
 
@@ -56,6 +64,13 @@ class ArcaGRPOConfig(GRPOConfig):
     )
     layer_aggregate: str = field(default="mean", metadata={"help": "mean | max | sum | rms over layers."})
     kl_probe: bool = field(default=True, metadata={"help": "Log exact full-vocabulary KL to the base model."})
+    kl_probe_every: int = field(
+        default=0,
+        metadata={
+            "help": "When only the probe needs the base model, probe every k-th completion "
+            "(0: one per prompt group, k = num_generations; 1: all). Credits that need the base probe all rows."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,6 +78,10 @@ class ArcaGRPOConfig(GRPOConfig):
             raise ValueError(f"credit={self.credit!r} is not valid: choose one of {CREDITS}")
         if self.sharpening <= 0:
             raise ValueError(f"sharpening={self.sharpening} is not valid: use a power > 0")
+        if self.kl_probe_every < 0:
+            raise ValueError(
+                f"kl_probe_every={self.kl_probe_every} is not valid: use 0 (one per group) or k >= 1"
+            )
         if self.layer_aggregate not in LAYER_AGGREGATES:
             raise ValueError(
                 f"layer_aggregate={self.layer_aggregate!r} is not valid: choose one of {LAYER_AGGREGATES}"
@@ -116,6 +135,7 @@ class ArcaGRPOTrainer(GRPOTrainer):
         self._backbone = backbone_of(policy)
         self._layers = self._arca_layer_modules(policy)
         self._branches = self._lora_branches(policy) if cfg.credit == "arca_branch" else []
+        self._final_norm = final_norm(policy)
         self.last_batch: dict[str, torch.Tensor] | None = None
         self.forward_counts = {"base": 0, "loss": 0}
 
@@ -133,7 +153,10 @@ class ArcaGRPOTrainer(GRPOTrainer):
         if self.token_roles is not None:
             out["token_roles"] = self._roles(out["completion_ids"], out["completion_mask"])  # (B, T)
         if self._needs_base:
-            out["base_hidden"], layer_states = self._base_pass(out)  # (B, T, d), (B, L, T, d) | None
+            out["probe_rows"] = self._probe_rows(out["completion_ids"].size(0))  # (B,) bool
+            out["base_hidden"], layer_states = self._base_pass(
+                out, out["probe_rows"]
+            )  # (B, T, d), (B, L, T, d)
             if layer_states is not None:
                 out["base_layer_states"] = layer_states
             if self.beta != 0.0:
@@ -149,15 +172,25 @@ class ArcaGRPOTrainer(GRPOTrainer):
             roles[i, :n] = torch.tensor(self.token_roles(ids[:n]), dtype=roles.dtype)
         return roles
 
+    def _probe_rows(self, B: int) -> torch.Tensor:
+        """Rows that get base states: all when a credit or beta needs them, else every k-th (probe only)."""
+        cfg: ArcaGRPOConfig = self.args
+        rows = torch.ones(B, dtype=torch.bool, device=self.accelerator.device)
+        if cfg.credit not in _NEEDS_BASE and self.beta == 0.0:
+            k = cfg.kl_probe_every or self.num_generations
+            rows[:] = False
+            rows[::k] = True  # completions of one prompt are contiguous here (before TRL's shuffle)
+        return rows
+
     @torch.no_grad()
-    def _base_pass(self, out: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One backbone forward with the adapter disabled: base states at completion-predicting positions.
+    def _base_pass(self, out: dict[str, Any], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One backbone forward with the adapter disabled, on `rows`: base states at completion-predicting positions.
 
         Returns the input of lm_head (B, T, d) and, when arca_layers selects decoder layers, their outputs
-        (B, L, T, d).
+        (B, L, T, d); rows not in `rows` are NaN.
         """
-        input_ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)  # (B, P + T)
-        attention_mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+        input_ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)[rows]  # (b, P + T)
+        attention_mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)[rows]
         T = out["completion_ids"].size(1)
         policy = self.accelerator.unwrap_model(self.model)
         chunk = self.args.per_device_train_batch_size
@@ -172,7 +205,9 @@ class ArcaGRPOTrainer(GRPOTrainer):
                 if self._layers:
                     layers.append(self._layer_states(store, T))
         self.forward_counts["base"] += 1
-        return torch.cat(last), (torch.cat(layers) if layers else None)
+        return _scatter_rows(torch.cat(last), rows), (
+            _scatter_rows(torch.cat(layers), rows) if layers else None
+        )
 
     def _ref_logps(self, h: torch.Tensor, completion_ids: torch.Tensor) -> torch.Tensor:
         # TRL's reference log-probs are at the sampling temperature (its fused head divides by it).
@@ -212,10 +247,15 @@ class ArcaGRPOTrainer(GRPOTrainer):
             h_base = None if h_base is None else h_base.transpose(0, 1)
         else:
             h_adapted, h_base = h_last, h_base_last
-        probe = self._head_stats(h_last, h_base_last, ids, mask)
+        probe_rows = inputs.get("probe_rows", torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device))
+        probe = self._head_stats(h_last, h_base_last, ids, mask, probe_rows)
         branch = None
         if self._branches:
             branch = torch.stack([b[:, -T - 1 : -1] for b in store["branches"]])  # (L, B, T)
+            if "norm_rms" in store:
+                # To first order, exact ARCA ||norm(h + D) - norm(h)|| = ||g * D|| / rms(h): the final norm
+                # rescales each token's residual by 1 / rms(h_t), so the branch norms are scaled the same way.
+                branch = branch / store["norm_rms"][:, -T - 1 : -1].clamp_min(1e-12)
         weights, scores = compute_credit_weights(
             cfg.credit,
             completion_mask=mask,
@@ -244,29 +284,41 @@ class ArcaGRPOTrainer(GRPOTrainer):
         self.last_batch = {k: v.detach().float().cpu() for k, v in self.last_batch.items()}
         return advantages
 
-    def _head_stats(self, h, h_base, completion_ids, completion_mask) -> dict[str, torch.Tensor]:
-        """Per-token log-probs / entropy of the adapted head (and the KL probe against the base), temperature 1.
+    def _head_stats(self, h, h_base, completion_ids, completion_mask, probe_rows) -> dict[str, torch.Tensor]:
+        """Adapted-head log-probs and entropy on every row; the KL probe against the base on `probe_rows`.
 
-        Chunked over rows so that (rows, T, V) logits stay below ~256 MB for large vocabularies.
+        All at temperature 1. Chunked over rows so that (rows, T, V) logits stay below ~256 MB for large
+        vocabularies. Probe tensors are NaN on rows without base states.
         """
         V = self._base_head.weight.size(0)
-        rows = max(1, int(2**26 // max(1, h.size(1) * V)))
+        chunk = max(1, int(2**26 // max(1, h.size(1) * V)))
         parts: list[dict[str, torch.Tensor]] = []
-        for s in range(0, h.size(0), rows):
-            sl = slice(s, s + rows)
-            policy_logits = self._head(h[sl]).float()  # (b, T, V), adapted head if lm_head carries LoRA
-            if h_base is None:
-                logp = policy_logits.log_softmax(-1)
-                parts.append(
-                    {
-                        "policy_logps": logp.gather(-1, completion_ids[sl].unsqueeze(-1)).squeeze(-1),
-                        "policy_entropy": -(logp.exp() * logp).sum(-1),
-                    }
-                )
-            else:
-                ref_logits = self._base_head(h_base[sl]).float()
-                parts.append(kl_probe(policy_logits, ref_logits, completion_ids[sl], completion_mask[sl]))
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        for s in range(0, h.size(0), chunk):
+            sl = slice(s, s + chunk)
+            logp = (
+                self._head(h[sl]).float().log_softmax(-1)
+            )  # (b, T, V), adapted head if lm_head carries LoRA
+            parts.append(
+                {
+                    "policy_logps": logp.gather(-1, completion_ids[sl].unsqueeze(-1)).squeeze(-1),  # (b, T)
+                    "policy_entropy": -(logp.exp() * logp).sum(-1),
+                }
+            )
+        stats = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        if h_base is None or not probe_rows.any():
+            return stats
+        rows = probe_rows.nonzero().squeeze(-1)
+        probes: list[dict[str, torch.Tensor]] = []
+        for s in range(0, rows.numel(), chunk):
+            r = rows[s : s + chunk]
+            policy_logits, ref_logits = self._head(h[r]).float(), self._base_head(h_base[r]).float()
+            probes.append(kl_probe(policy_logits, ref_logits, completion_ids[r], completion_mask[r]))
+        for k in probes[0]:
+            if k not in stats:
+                stats[k] = _scatter_rows(
+                    torch.cat([p[k] for p in probes]), probe_rows
+                )  # (B, T), NaN off-probe
+        return stats
 
     def _log_step(self, inputs, probe, weights, scores, h_last, h_base_last, mask) -> None:
         metrics = self._metrics["train" if self.model.training else "eval"]
@@ -275,14 +327,14 @@ class ArcaGRPOTrainer(GRPOTrainer):
             metrics[f"credit/{k}"].append(v)
         valid = mask.bool()
         metrics["head_input/max_norm"].append(h_last.float().norm(dim=-1)[valid].max().item())
-        if h_base_last is not None:
-            residual = (h_last.float() - h_base_last.float()).norm(dim=-1)[
-                valid
-            ]  # ARCA alpha_t at the last layer
+        if h_base_last is not None and "probe_rows" in inputs:
+            probed = valid & inputs["probe_rows"][:, None]  # (B, T)
+            residual = (h_last.float() - h_base_last.float()).norm(dim=-1)[probed]  # ARCA alpha_t, last layer
             metrics["residual/mean"].append(residual.mean().item())
             metrics["residual/max"].append(residual.max().item())
-            metrics["head_input/base_max_norm"].append(h_base_last.float().norm(dim=-1)[valid].max().item())
-            for k, v in summarize_kl(probe, mask).items():
+            metrics["head_input/base_max_norm"].append(h_base_last.float().norm(dim=-1)[probed].max().item())
+            rows = inputs["probe_rows"]
+            for k, v in summarize_kl({n: t[rows] for n, t in probe.items()}, mask[rows]).items():
                 metrics[k].append(v)
 
     # --- hooks -----------------------------------------------------------------------------------------
@@ -317,9 +369,15 @@ class ArcaGRPOTrainer(GRPOTrainer):
             handles.append(
                 layer.register_forward_hook(lambda m, a, o: store["layers"].append(_first(o).detach()))
             )
-        if branches:
+        if branches and self._branches:
             for lora in self._branches:
                 handles.append(_register_branch_hook(lora, store["branches"]))
+            if self._final_norm is not None:
+
+                def norm_input_hook(module, args):
+                    store["norm_rms"] = args[0].detach().float().pow(2).mean(-1).sqrt()  # (B, P + T)
+
+                handles.append(self._final_norm.register_forward_pre_hook(norm_input_hook))
 
         def backbone_hook(module, args, output):
             store["last"] = _first(output).detach()  # (B, P + T, d) after the final norm
@@ -405,6 +463,13 @@ def _register_branch_hook(lora: LoraLayer, sink: list[torch.Tensor]):
         sink.append((output.detach().float() * lora.scaling[name]).norm(dim=-1))  # (B, P + T)
 
     return lora.lora_B[name].register_forward_hook(hook)
+
+
+def _scatter_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(b, ...) computed on the selected rows -> (B, ...) with NaN elsewhere."""
+    full = x.new_full((rows.numel(), *x.shape[1:]), float("nan"))
+    full[rows] = x
+    return full
 
 
 def _first(output: Any) -> torch.Tensor:

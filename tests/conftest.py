@@ -6,10 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see arca_lab/__init__.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
 torch.set_num_threads(2)
 
 

@@ -252,3 +252,26 @@ def test_arca_on_all_layers_shares_the_base_pass(tiny_model_dir, tmp_path, monke
         assert trainer.forward_counts == {"base": 1, "loss": 1}
     mask = trainer.last_batch["completion_mask"].bool()
     assert not torch.allclose(weights["last"][mask], weights["all"][mask], atol=1e-4)
+
+
+def test_probe_only_base_pass_covers_one_completion_per_prompt(tiny_model_dir, tmp_path):
+    """With uniform credit the base pass runs on every K-th row only; probed rows still equal the exact KL."""
+    trainer, rows = make_trainer(tiny_model_dir, tmp_path, credit="uniform", kl_probe=True, perturb_b=0.3)
+    inputs = one_batch(trainer, rows)
+    K = trainer.num_generations
+    expected = torch.zeros(inputs["completion_ids"].size(0), dtype=torch.bool)
+    expected[::K] = True
+    assert torch.equal(inputs["probe_rows"].cpu(), expected)
+    trainer.compute_loss(trainer.model, inputs)
+    probe = trainer.last_batch
+    assert torch.isnan(probe["kl_policy_ref"][~expected]).all()
+    merged = copy.deepcopy(trainer.model).merge_and_unload()
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        lp = _completion_logits(merged, inputs).double().log_softmax(-1)[expected]
+        lq = _completion_logits(base, inputs).double().log_softmax(-1)[expected]
+    mask = inputs["completion_mask"].bool()[expected]
+    kl_pq = (lp.exp() * (lp - lq)).sum(-1)
+    torch.testing.assert_close(
+        probe["kl_policy_ref"][expected][mask].double(), kl_pq[mask], atol=1e-6, rtol=1e-5
+    )
