@@ -1,0 +1,27 @@
+"""Verifiable tasks: `get_task(name, **kwargs)` builds a registered `Task` (protocol in `arca_lab.tasks.base`)."""
+
+from __future__ import annotations
+
+from arca_lab.tasks.arith import ArithTask
+from arca_lab.tasks.base import ANSWER, FORMAT, ROLES, WORK, Task
+
+TASK_NAMES: tuple[str, ...] = ("arith", "math")
+"""Names `get_task` accepts."""
+
+
+def get_task(name: str, **kwargs) -> Task:
+    """The task registered as `name`, built with `kwargs`.
+
+    ``"arith"`` → `ArithTask(**kwargs)` (the embedded model's task); ``"math"`` →
+    `arca_lab.tasks.math.MathTask(**kwargs)`, imported only when asked for (it needs the ``math`` extra).
+    """
+    if name == "arith":
+        return ArithTask(**kwargs)
+    if name == "math":
+        from arca_lab.tasks.math import MathTask
+
+        return MathTask(**kwargs)
+    raise ValueError(f"unknown task {name!r}; accepted names: {', '.join(TASK_NAMES)}")
+
+
+__all__ = ["ANSWER", "FORMAT", "ROLES", "TASK_NAMES", "WORK", "ArithTask", "Task", "get_task"]
