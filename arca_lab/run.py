@@ -21,6 +21,7 @@ import transformers
 from datasets import Dataset
 from peft.tuners.lora import LoraLayer
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from arca_lab.config import RunConfig
 from arca_lab.evaluate import EvalResult, evaluate
@@ -102,13 +103,20 @@ def grpo_args(cfg: RunConfig, output_dir: str, progress: bool) -> ArcaGRPOConfig
         data_seed=cfg.seed,
         use_cpu=on_cpu,
         bf16=dtype == torch.bfloat16,
-        gradient_checkpointing=not on_cpu,  # TRL's default; on CPU it only costs time
+        activation_checkpointing=not on_cpu,  # TRL's default; on CPU it only costs time
         logging_steps=1,
         save_strategy="no",
         report_to="none",
         disable_tqdm=not progress,
         disable_dropout=False,  # keep the LoRA dropout the config asks for
     )
+
+
+class QuietProgress(ProgressCallback):
+    """HF's progress bar without its per-step dump of every logged metric (they go to run.nc instead)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
 
 
 class StepRecorder(TrainerCallback):
@@ -166,6 +174,10 @@ def train(cfg: RunConfig, progress: bool = True) -> Path:
             token_roles=lambda ids: task.token_roles(ids, tokenizer),
             callbacks=[recorder],
         )
+        trainer.remove_callback(PrinterCallback)  # per-step metric dicts belong in run.nc, not on stdout
+        if progress:
+            trainer.remove_callback(ProgressCallback)
+            trainer.add_callback(QuietProgress)
         layers = adapter_init_stats(trainer.model)
         w_lm_op = torch.linalg.matrix_norm(base_head(trainer.model).weight.detach().float(), ord=2).item()
         trainer.train()
