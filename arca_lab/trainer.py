@@ -183,12 +183,17 @@ class ArcaGRPOTrainer(GRPOTrainer):
         return rows
 
     @torch.no_grad()
-    def _base_pass(self, out: dict[str, Any], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _base_pass(
+        self, out: dict[str, Any], rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One backbone forward with the adapter disabled, on `rows`: base states at completion-predicting positions.
 
         Returns the input of lm_head (B, T, d) and, when arca_layers selects decoder layers, their outputs
-        (B, L, T, d); rows not in `rows` are NaN.
+        (B, L, T, d); rows not in `rows` (default: `out["probe_rows"]`, else all) are NaN.
         """
+        if rows is None:
+            rows = out.get("probe_rows", torch.ones(out["completion_ids"].size(0), dtype=torch.bool))
+            rows = rows.to(out["completion_ids"].device)
         input_ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)[rows]  # (b, P + T)
         attention_mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)[rows]
         T = out["completion_ids"].size(1)

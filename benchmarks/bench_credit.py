@@ -166,6 +166,9 @@ def generation_rows(rows: list[dict[str, str]], step: int, sizes: Sizes) -> list
 # --- the measured operations ------------------------------------------------------------------------------------
 def loss_step(trainer: ArcaGRPOTrainer, inputs: dict[str, Any]) -> None:
     if trainer._needs_base:  # the shared base pass is part of the cost of anything that needs the base model
+        inputs["probe_rows"] = trainer._probe_rows(
+            inputs["completion_ids"].size(0)
+        )  # all rows, or 1 per prompt
         inputs["base_hidden"], layers = trainer._base_pass(inputs)
         if layers is not None:
             inputs["base_layer_states"] = layers
@@ -317,6 +320,7 @@ def branch_vs_exact(arca: Job, branch: Job, shared: dict[str, Any]) -> dict[str,
     inputs["base_hidden"], _ = arca.trainer._base_pass(inputs)
     all_branches = branch.trainer._branches
     last = set(decoder_layers(branch.trainer.model)[-1].modules())
+    # The trainer already divides branch norms by rms(final-norm input) (first-order match to exact ARCA).
     variants = {"all modules": all_branches, "last layer": [b for b in all_branches if b in last]}
     final_norm = branch.trainer._backbone.norm  # Qwen3's final RMSNorm: its output is the input of lm_head
     rms: list[torch.Tensor] = []
@@ -333,9 +337,6 @@ def branch_vs_exact(arca: Job, branch: Job, shared: dict[str, Any]) -> dict[str,
             rms.clear()
             branch.trainer.compute_loss(branch.trainer.model, dict(inputs))
             scores[label] = branch.trainer.last_batch["scores"]
-            if label == "all modules":
-                T = mask.size(1)
-                scores["all modules / rms(final-norm input)"] = scores[label] / rms[0][:, -T - 1 : -1]
         branch.trainer._branches = all_branches
     hook.remove()
     out = {}
