@@ -1,0 +1,396 @@
+"""`arca-lab sweep` / `report`: grids, bad input, the cube, resume, failures, atomic writes, submitit, report.
+
+Runs use the tiny random Qwen3 of conftest (`tiny_model_dir`) and TINY settings; a notebook execution costs a
+kernel start (a few seconds), so the integration tests share one small sweep (`tiny_sweep`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+
+from arca_lab import sweep_exec
+from arca_lab.config import make_config
+from arca_lab.results import load_run, write_netcdf
+from arca_lab.run import train
+from arca_lab.sweep import EX_USAGE, combine_runs, combine_sweep, load_sweep, main, report_main, run_sweep
+from arca_lab.sweep_grid import (
+    ARM_FACTOR,
+    COST,
+    CREDIT_FACTOR,
+    FIXED_ALPHA,
+    axis_values_of,
+    estimate_run_seconds,
+    estimate_seconds,
+    make_grid,
+    run_id,
+)
+
+TINY = dict(
+    steps=2, prompts_per_step=2, num_generations=2, max_completion_length=12, eval_prompts=4, pass_k=2
+)
+ONE_POINT = dict(rank=[1], credit=["uniform"], seed=[0], arm=["all"], alpha_rule=["2r"])
+
+
+def _tiny_args(model_dir: Path) -> list[str]:
+    return ["--set", f"model={model_dir}", *(f"{k}={v}" for k, v in TINY.items())]
+
+
+# ------------------------------------------------------------------------------------------------ grids
+def test_default_grid_is_the_union_of_two_questions():
+    grid = make_grid("default")
+    ids = [run_id(p) for p in grid.points()]
+    # (a) 3 ranks x 2 alpha rules x arm all x 2 seeds = 12, + arm head x 1 seed = 6; (b) uniform, arca x seeds 0, 1
+    # at r 4 = 4, of which the 2 uniform runs are already in (a); + 3 output-distribution credits: 12 + 6 + 2 + 3.
+    assert len(ids) == len(set(ids)) == 23
+    assert ids.count("r4-uniform-s0-all-a2r") == 1
+    for credit in ("uniform", "arca"):
+        assert {f"r4-{credit}-s0-all-a2r", f"r4-{credit}-s1-all-a2r"} <= set(ids)
+    for rule in ("2r", "fixed"):
+        assert {f"r{r}-uniform-s{s}-all-a{rule}" for r in (1, 4, 16) for s in (0, 1)} <= set(ids)
+        assert {f"r{r}-uniform-s0-head-a{rule}" for r in (1, 4, 16)} <= set(ids)
+    configs = [grid.config(p, "x") for p in grid.points()]
+    assert {c.sharpening for c in configs} == {2.0}
+    assert len({(c.steps, c.prompts_per_step, c.num_generations) for c in configs}) == 1  # matched budgets
+
+
+def test_arm_and_alpha_rule_map_to_config_and_back():
+    grid = make_grid("default")
+    for point in grid.points():
+        cfg = grid.config(point, "x")
+        assert axis_values_of(cfg) == point
+    fixed = [grid.config(p, "x") for p in grid.points() if p["alpha_rule"] == "fixed"]
+    assert {c.lora_alpha() for c in fixed} == {float(FIXED_ALPHA)}  # the same alpha at r = 1, 4, 16
+    assert {c.rank: c.adapter_scale() for c in fixed} == {1: 16.0, 4: 4.0, 16: 1.0}  # s = 16 / r
+    other = make_grid("default", dict(ONE_POINT, alpha_rule=["4r", "fixed32"], rank=[2]))
+    assert [(c.alpha, c.lora_alpha()) for c in (other.config(p, "x") for p in other.points())] == [
+        ("4r", 8.0),  # 4 * rank 2
+        ("32", 32.0),
+    ]
+    assert [axis_values_of(other.config(p, "x"))["alpha_rule"] for p in other.points()] == ["4r", "fixed32"]
+    heads = {c.target_modules for p in grid.points() if p["arm"] == "head" for c in [grid.config(p, "x")]}
+    assert heads == {"lm_head"}
+
+
+def test_presets_build_their_grids():
+    paper = [run_id(p) for p in make_grid("arca-paper").points()]
+    assert paper == [
+        "r64-uniform-s1337-all-a2r",
+        "r64-surprisal-s1337-all-a2r",
+        "r64-entropy_reduction-s1337-all-a2r",
+        "r64-divergence-s1337-all-a2r",
+        "r4-arca-s1337-all-a2r",
+        "r16-arca-s1337-all-a2r",
+        "r64-arca-s1337-all-a2r",
+    ]
+    assert (
+        make_grid("arca-paper").config(make_grid("arca-paper").points()[0], "x").model
+        == "Qwen/Qwen3-1.7B-Base"
+    )
+    merl = make_grid("merl-cpu")
+    assert merl.extra_axes == ("beta",)
+    assert sorted({(p["rank"], p["beta"]) for p in merl.points()}) == [
+        (r, b) for r in (1, 4, 16) for b in (0.0, 0.05)
+    ]
+    assert {merl.config(p, "x").alpha for p in merl.points()} == {"r"}
+    assert len(make_grid("full").points()) == 5 * 5 * 2 * 2 * 3
+
+
+def test_cost_model_by_hand():
+    cfg = make_config(steps=10, prompts_per_step=16, num_generations=8, eval_prompts=64, pass_k=4, threads=1)
+    evals = 2 * COST["per_eval_sequence"] * 64 * (1 + 4)  # greedy + 4 samples per prompt, before and after
+    step = COST["per_completion"] * 16 * 8
+    assert estimate_run_seconds(cfg) == pytest.approx(COST["notebook"] + COST["setup"] + evals + 10 * step)
+    arca = make_config(**{**cfg.__dict__, "credit": "arca", "target_modules": "lm_head"})
+    factor = CREDIT_FACTOR["arca"] * ARM_FACTOR["lm_head"]
+    assert estimate_run_seconds(arca) == pytest.approx(
+        COST["notebook"] + COST["setup"] + evals + 10 * step * factor
+    )
+    # Makespan over 2 workers in order: runs a, a, b go to worker 1, 2, then the first free one (1).
+    a, b = estimate_run_seconds(cfg), estimate_run_seconds(arca)
+    total = estimate_seconds([cfg, cfg, arca], workers=2, build_cached=False)
+    expected = COST["build"] + COST["startup"] + a + b + COST["analysis"] + 3 * COST["combine_per_run"]
+    assert total == pytest.approx(expected)
+    assert estimate_run_seconds(make_config(model="some/hub-model")) is None
+
+
+# ------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "bogus_key=1"], "unknown config key 'bogus_key'"),
+        (["--set", "rank=4"], "use --ranks"),
+        (["--set", "lr=fast"], "lr takes a value of type float"),
+        (["--ranks", "0,4"], "use LoRA ranks >= 1"),
+        (["--ranks", ""], "empty grid"),
+        (["--credits", "uniform,telepathy"], "credit ['telepathy'] is not valid: choose from ['uniform'"),
+        (["--arms", "middle"], "arm ['middle'] is not valid"),
+        (["--alpha-rules", "2r,golden"], "alpha_rule 'golden' is not valid"),
+        (["--vary", "steps=2,4"], "unmatched rollout budgets"),
+        (["--vary", "colour=1,2"], "unknown config key 'colour'"),
+        (["--vary", "out=a,b"], "cannot sweep 'out'"),
+    ],
+)
+def test_bad_input_is_rejected_before_anything_starts(tmp_path, capsys, args, message):
+    out = tmp_path / "sweep"
+    assert main(["--out", str(out), *args]) == EX_USAGE
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # nothing was created, let alone run
+
+
+def test_unmatched_budget_runs_when_told(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert (
+        main(
+            [
+                "--out",
+                str(out),
+                "--vary",
+                "steps=2,4",
+                "--allow-unmatched-budget",
+                "--dry-run",
+                "--ranks",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert "to do  r1-uniform-s0-all-a2r-steps4" in capsys.readouterr().out
+
+
+def test_unwritable_output_directory(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["--out", str(blocker / "sweep"), *_tiny_args(tmp_path), "--ranks", "1"]) == EX_USAGE
+    assert f"cannot write the sweep directory {blocker / 'sweep'}" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- combine
+def test_two_runs_combine_into_a_cube(tiny_model_dir, tmp_path):
+    a = train(make_config(model=str(tiny_model_dir), rank=1, out=str(tmp_path / "a"), **TINY), progress=False)
+    b_cfg = dict(rank=2, credit="arca", seed=1, target_modules="lm_head", alpha=str(FIXED_ALPHA))
+    b = train(
+        make_config(model=str(tiny_model_dir), out=str(tmp_path / "b"), **b_cfg, **TINY), progress=False
+    )
+    cube = combine_runs([a, b])
+    assert cube["reward"].dims == ("rank", "credit", "seed", "arm", "alpha_rule", "step")
+    assert cube["weights"].dims[-2:] == ("sample", "token") and cube["a0_fro"].dims[-1] == "layer"
+    assert list(cube["rank"].values) == [1, 2] and list(cube["credit"].values) == ["uniform", "arca"]
+    assert list(cube["arm"].values) == ["all", "head"] and list(cube["alpha_rule"].values) == ["2r", "fixed"]
+    assert int(cube["has_run"].sum()) == 2  # 2 of the 2^5 = 32 points of the cube hold a run
+    pa = dict(rank=1, credit="uniform", seed=0, arm="all", alpha_rule="2r")
+    pb = dict(rank=2, credit="arca", seed=1, arm="head", alpha_rule="fixed")
+    ra, rb = load_run(a), load_run(b)
+    np.testing.assert_array_equal(cube["reward"].sel(pa).values, ra["reward"].values)
+    np.testing.assert_array_equal(cube["credit_gini"].sel(pb).values, rb["credit_gini"].values)
+    assert np.isnan(cube["reward"].sel(pa | {"credit": "arca"}).values).all()  # no run there
+    # Layers: the union of 2 layers x 7 linear modules (arm all) and lm_head (arm head); NaN where not adapted.
+    assert cube.sizes["layer"] == 15
+    assert np.isnan(float(cube["a0_fro"].sel(pa | {"layer": "lm_head"})))
+    assert float(cube["a0_fro"].sel(pb | {"layer": "lm_head"})) == float(rb["a0_fro"].sel(layer="lm_head"))
+    # Config values: constant ones scalar, varying ones over the axis dims (alpha 2r at r 1 -> 2; fixed -> 16).
+    assert cube["lr"].ndim == 0 and float(cube["lr"]) == 2e-3
+    assert float(cube["lora_alpha"].sel(pa)) == 2.0 and float(cube["lora_alpha"].sel(pb)) == 16.0
+    assert str(cube["target_modules"].sel(pb).item()) == "lm_head"
+    assert str(cube["run_id"].sel(pb).item()) == "r2-arca-s1-head-afixed"
+    assert set(json.loads(cube.attrs["run_configs_json"])) == {
+        "r1-uniform-s0-all-a2r",
+        "r2-arca-s1-head-afixed",
+    }
+    write_netcdf(cube, tmp_path / "sweep.nc")
+    back = load_sweep(tmp_path / "sweep.nc")
+    np.testing.assert_array_equal(back["reward"].values, cube["reward"].values)
+    with pytest.raises(ValueError, match="share the grid points"):
+        combine_runs([a, a])
+
+
+# ----------------------------------------------------------------------------------- a tiny real sweep
+@pytest.fixture(scope="module")
+def tiny_sweep(tiny_model_dir, tmp_path_factory):
+    """Two runs on 2 local workers; max_prompt_length=1 makes one fail inside train() (prompts too long)."""
+    out = tmp_path_factory.mktemp("sweeps") / "tiny"
+    grid = make_grid(
+        "default", ONE_POINT | {"max_prompt_length": [1, 64]}, {"model": str(tiny_model_dir), **TINY}
+    )
+    outcome = run_sweep(grid, out, workers=2, progress=False, analysis=False, log=lambda *a: None)
+    return grid, out, outcome
+
+
+GOOD, BAD = "r1-uniform-s0-all-a2r-max_prompt_length64", "r1-uniform-s0-all-a2r-max_prompt_length1"
+
+
+def test_sweep_writes_runs_failures_and_the_cube(tiny_sweep):
+    _, out, outcome = tiny_sweep
+    assert outcome.finished == [GOOD] and list(outcome.failed) == [BAD] and outcome.exit_code == 1
+    assert "max_prompt_length" in outcome.failed[BAD]
+    assert sorted(p.name for p in (out / "runs" / GOOD).iterdir()) == [
+        "adapter",
+        "config.json",
+        "figures",
+        "run.ipynb",
+        "run.nc",
+    ]
+    assert (out / "failed" / BAD / "run.ipynb").is_file()  # the executed notebook, up to the error
+    assert "ValueError" in (out / "failed" / BAD / "error.txt").read_text()
+    cube = load_sweep(out)
+    assert cube["reward"].dims == ("rank", "credit", "seed", "arm", "alpha_rule", "max_prompt_length", "step")
+    assert int(cube["has_run"].sum()) == 1 and list(cube["max_prompt_length"].values) == [64]
+    assert json.loads(cube.attrs["failed_json"]) == {BAD: outcome.failed[BAD]}
+    assert json.loads(cube.attrs["sweep_json"])["runs"] == [BAD, GOOD]
+    executed = (out / "runs" / GOOD / "run.ipynb").read_text()
+    assert json.dumps(f"python: {sys.executable}\n") in executed  # the kernel is the runner's interpreter
+    assert load_run(out / "runs" / GOOD)["threads"].item() == 1  # 2 cores / 2 workers
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert len(summary) == 2 and summary[0].split()[:6] == [
+        "rank",
+        "credit",
+        "seed",
+        "arm",
+        "alpha_rule",
+        "max_prompt_length",
+    ]
+    assert summary[1].split()[:6] == ["1", "uniform", "0", "all", "2r", "64"]
+
+
+def test_rerun_skips_finished_runs_and_retries_failed(tiny_sweep, tiny_model_dir, capsys):
+    _, out, _ = tiny_sweep
+    finished_nc = out / "runs" / GOOD / "run.nc"
+    before = finished_nc.stat().st_mtime_ns
+    args = [
+        "--out",
+        str(out),
+        *_tiny_args(tiny_model_dir),
+        "--vary",
+        "max_prompt_length=1,64",
+        "--quiet",
+        "--no-analysis",
+    ]
+    args += ["--ranks", "1", "--credits", "uniform", "--seeds", "0", "--arms", "all", "--alpha-rules", "2r"]
+    args += [
+        "--executor",
+        "slurm",
+        "--submitit-cluster",
+        "debug",
+    ]  # the retry goes through submitit (in process)
+    assert main(args) == 1  # exit status: one failed run
+    text = capsys.readouterr().out
+    assert "0 runs finished now, 1 before, 1 failed" in text
+    assert finished_nc.stat().st_mtime_ns == before  # untouched
+    assert (
+        "ValueError" in (out / "failed" / BAD / "error.txt").read_text()
+    )  # recorded again by the submitit job
+    assert (out / ".work" / "submitit").is_dir()
+
+
+def test_a_different_grid_is_refused_and_nothing_is_lost(tiny_sweep, tiny_model_dir):
+    _, out, _ = tiny_sweep
+    other = make_grid(
+        "default", ONE_POINT | {"max_prompt_length": [64, 128]}, {"model": str(tiny_model_dir), **TINY}
+    )
+    with pytest.raises(ValueError, match=r"different grid.*--extend"):
+        run_sweep(other, out, progress=False, log=lambda *a: None)
+    changed = make_grid(
+        "default",
+        ONE_POINT | {"max_prompt_length": [1, 64]},
+        {"model": str(tiny_model_dir), **TINY, "lr": 1e-3},
+    )
+    with pytest.raises(ValueError, match=r"different shared settings.*'lr': \(0.002, 0.001\)"):
+        run_sweep(changed, out, progress=False, log=lambda *a: None)
+    assert sweep_exec.is_finished(out, GOOD)
+    plan = run_sweep(
+        other, out, extend=True, dry_run=True, log=lambda *a: None
+    )  # --extend would add one point
+    assert plan.skipped == [GOOD]
+
+
+def test_killed_writes_leave_no_readable_partial_file(tiny_sweep, tmp_path):
+    _, out, _ = tiny_sweep
+    sweep_nc = out / "sweep.nc"
+    old = load_sweep(out)
+    # A process killed (os._exit, no clean-up) after writing half of the new sweep.nc, before the rename.
+    code = textwrap.dedent(f"""
+        import os, xarray as xr
+        from pathlib import Path
+        from arca_lab.sweep import combine_sweep
+        original = xr.Dataset.to_netcdf
+        def half_then_die(self, path, *args, **kwargs):
+            original(self, path, *args, **kwargs)
+            size = os.path.getsize(path)
+            with open(path, "r+b") as f:
+                f.truncate(size // 2)
+            os._exit(9)
+        xr.Dataset.to_netcdf = half_then_die
+        combine_sweep(Path({str(out)!r}))
+    """)
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 9
+    np.testing.assert_array_equal(load_sweep(out)["reward"].values, old["reward"].values)  # the old cube
+    leftovers = [p.name for p in out.glob("*.nc*") if p != sweep_nc]
+    assert leftovers and all(
+        name.startswith(".sweep.nc.") and name.endswith(".partial") for name in leftovers
+    )
+    # A run killed inside train() leaves its hidden staging directory; one killed after train() but before its
+    # notebook was moved in has run.nc without run.ipynb: neither counts as finished, neither is combined.
+    staging = out / "runs" / f".{BAD}.partial-x"
+    staging.mkdir()
+    (staging / "run.nc").write_bytes(b"\x89HDF\r\n half a file")
+    half = out / "runs" / BAD
+    half.mkdir()
+    (half / "run.nc").write_bytes(b"\x89HDF\r\n half a file")
+    assert not sweep_exec.is_finished(out, BAD)
+    _, rows = combine_sweep(out)
+    assert [r["max_prompt_length"] for r in rows] == [64]
+    sweep_exec._clear_attempt(sweep_exec.sweep_paths(out, BAD))  # what a retry does first
+    assert not staging.exists() and not half.exists()
+
+
+def test_report_executes_the_analysis_notebook(tiny_sweep, tmp_path, monkeypatch, capsys):
+    _, out, _ = tiny_sweep
+    (out / "analysis.ipynb").unlink(missing_ok=True)
+    monkeypatch.setattr(sweep_exec, "ANALYSIS_NOTEBOOK", tmp_path / "missing.ipynb")
+    assert report_main([str(out)]) == 0
+    assert "analysis notebook" in capsys.readouterr().err and not (out / "analysis.ipynb").exists()
+    stub = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                'sweep_dir: str = ""  # sweep\nfigures_dir: str = ""  # figures',
+                metadata={"tags": ["parameters"]},
+            ),
+            nbformat.v4.new_code_cell(
+                "from pathlib import Path\nfrom arca_lab.sweep import load_sweep\n"
+                "n = int(load_sweep(sweep_dir)['has_run'].sum())\n"
+                "Path(figures_dir).mkdir(parents=True, exist_ok=True)\n"
+                "(Path(figures_dir) / 'n.txt').write_text(str(n))"
+            ),
+        ],
+        metadata={"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"}},
+    )
+    nbformat.write(stub, tmp_path / "analysis.ipynb")
+    monkeypatch.setattr(sweep_exec, "ANALYSIS_NOTEBOOK", tmp_path / "analysis.ipynb")
+    assert report_main([str(out)]) == 0
+    assert (out / "analysis.ipynb").is_file() and (out / "figures" / "n.txt").read_text() == "1"
+    assert report_main([str(tmp_path)]) == EX_USAGE  # not a sweep directory
+
+
+@pytest.mark.slow  # ~11 s; the default suite exercises submitit through the retry in the re-run test
+def test_submitit_debug_executor_runs_a_tiny_sweep(tiny_model_dir, tmp_path):
+    grid = make_grid("default", ONE_POINT, {"model": str(tiny_model_dir), **TINY})
+    outcome = run_sweep(
+        grid,
+        tmp_path / "s",
+        executor="slurm",
+        submitit_cluster="debug",
+        progress=False,
+        analysis=False,
+        log=lambda *a: None,
+    )
+    assert outcome.finished == ["r1-uniform-s0-all-a2r"] and not outcome.failed
+    assert sweep_exec.is_finished(tmp_path / "s", "r1-uniform-s0-all-a2r")
+    assert math.isfinite(outcome.rows[0]["reward"])
