@@ -227,13 +227,22 @@ def _sft_tensors(task: ArithTask, tokenizer, rows: list[dict[str, str]]) -> tupl
 
 
 @contextmanager
-def _pinned_threads(n: int):
+def _isolated(threads: int):
+    """Pin torch threads and restore them and the global RNG states (python, numpy, torch) on exit.
+
+    Without this a run that happened to build the model would continue with different random streams than a
+    run that found it cached.
+    """
     previous = torch.get_num_threads()
-    torch.set_num_threads(n)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    torch.set_num_threads(threads)
     try:
-        yield
+        with torch.random.fork_rng(devices=[]):
+            yield
     finally:
         torch.set_num_threads(previous)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def _seed_everything(seed: int) -> None:
@@ -255,7 +264,7 @@ def build_embedded(out_dir: str | Path, seed: int = 0, spec: EmbeddedSpec | None
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     task = ArithTask(n_terms=spec.n_terms, digits=spec.digits)
-    with _pinned_threads(spec.threads):
+    with _isolated(spec.threads):
         _seed_everything(seed)
         tokenizer = build_tokenizer()
         model = build_model(spec, tokenizer)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -156,6 +158,22 @@ def test_loaded_model_generates_a_scorable_completion(tiny_dir):
     info = json.loads((tiny_dir / BUILD_INFO).read_text())
     final_rows = task.eval_rows(TINY.eval_rows + TINY.final_eval_rows, seed=0)[TINY.eval_rows :]
     assert generation_accuracy(model, tok, task, final_rows) == info["final_accuracy"]
+
+
+def test_build_leaves_the_callers_random_state_and_threads_alone(tmp_path):
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # differs from TINY.threads = 2
+    expected = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    build_embedded(tmp_path / "m", seed=3, spec=TINY)
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == expected
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(threads)
 
 
 def test_same_seed_gives_identical_weights(tiny_dir, tmp_path):
