@@ -6,7 +6,6 @@ The sweep (`build_tiny_sweep` of tests/test_verify.py, built once per session): 
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -151,19 +150,6 @@ def test_table3_reference_and_save_figure(tmp_path):
     paths = analysis.save_figure(fig, tmp_path / "f", "x")
     assert [p.name for p in paths] == ["x.png", "x.svg"] and all(p.stat().st_size > 1000 for p in paths)
     plt.close(fig)
-
-
-def test_committed_notebook_is_stripped_and_declares_its_parameters():
-    nb = json.loads(NOTEBOOK.read_text())
-    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    assert all(not c["outputs"] and c["execution_count"] is None for c in code)
-    tagged = [c for c in code if "parameters" in c["metadata"].get("tags", [])]
-    assert len(tagged) == 1
-    declared = pm.inspect_notebook(str(NOTEBOOK))
-    n_lines = sum(1 for line in "".join(tagged[0]["source"]).splitlines() if line.strip())
-    assert len(declared) == n_lines  # papermill skips lines it cannot parse (e.g. a second "=")
-    assert {"sweep_dir", "figures_dir"} <= set(declared)
-    assert all(p["help"] and p["inferred_type_name"] != "None" for p in declared.values())
 
 
 def test_notebook_runs_on_the_tiny_sweep(sweep, tmp_path):
