@@ -21,6 +21,8 @@ from arca_lab.credit import CREDITS
 SCALINGS = ("alpha/r", "rslora", "const")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+HF_LR_SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+"""RunConfig.lr_schedule -> HF `lr_scheduler_type` (constant honours warm-up); also theory's schedule names."""
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 LAYER_AGGREGATES = ("mean", "max", "sum", "rms")
 

@@ -23,7 +23,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from arca_lab.config import RunConfig
+from arca_lab.config import HF_LR_SCHEDULERS, RunConfig
 from arca_lab.evaluate import EvalResult, evaluate
 from arca_lab.models import base_head, load_policy, lora_config, resolve_device_dtype
 from arca_lab.results import build_dataset, write_netcdf
@@ -68,7 +68,7 @@ def make_reward_fn(task: Task):
 def grpo_args(cfg: RunConfig, output_dir: str, progress: bool) -> ArcaGRPOConfig:
     device, dtype = resolve_device_dtype(cfg)
     on_cpu = device.type == "cpu"
-    schedule = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.lr_schedule]
+    schedule = HF_LR_SCHEDULERS[cfg.lr_schedule]
     return ArcaGRPOConfig(
         output_dir=output_dir,
         credit=cfg.credit,

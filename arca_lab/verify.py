@@ -41,7 +41,7 @@ import torch
 import xarray as xr
 from peft import PeftModel
 
-from arca_lab.config import RunConfig
+from arca_lab.config import HF_LR_SCHEDULERS, RunConfig
 from arca_lab.heldout_kl import TokenMeasurement, measure_tokens
 from arca_lab.models import base_head, lm_head_module_name, lm_head_of, load_policy
 from arca_lab.results import load_run
@@ -52,8 +52,6 @@ from theory.softmax_kl import kl_sharp_bound
 
 ATOL = 1e-12
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
-SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
-"""RunConfig.lr_schedule -> HF lr_scheduler_type (the theory's schedule names), as in `arca_lab.run.grpo_args`."""
 KL_DIRECTIONS = {"kl_policy_ref": "KL(pi_theta||pi_ref)", "kl_ref_policy": "KL(pi_ref||pi_theta)"}
 
 
@@ -112,7 +110,7 @@ def schedule_matches(ds: xr.Dataset) -> tuple[bool, str]:
     transformers logs the learning rate an optimiser step used (read before the scheduler steps)."""
     c = ds.coords
     expected = float(c["lr"]) * lr_multipliers(
-        SCHEDULES[str(c["lr_schedule"].item())], int(c["steps"]), int(c["warmup_steps"])
+        HF_LR_SCHEDULERS[str(c["lr_schedule"].item())], int(c["steps"]), int(c["warmup_steps"])
     )
     recorded = ds["learning_rate"].values if "learning_rate" in ds else np.zeros(0)
     n = min(len(recorded), len(expected))
@@ -137,7 +135,7 @@ def apriori_inputs(ds: xr.Dataset, head_layer: str, input_radius: float, tempera
         input_radius=float(input_radius),
         scaling=str(c["scaling"].item()),
         optimizer=str(c["optimizer"].item()),
-        schedule=SCHEDULES[str(c["lr_schedule"].item())],
+        schedule=HF_LR_SCHEDULERS[str(c["lr_schedule"].item())],
         warmup=int(c["warmup_steps"]),
         grad_clip=None if math.isnan(clip) else clip,
         betas=(float(c["adam_beta1"]), float(c["adam_beta2"])),
