@@ -37,7 +37,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from arca_lab.credit import CREDITS, LAYER_AGGREGATES, compute_credit_weights, token_advantages
 from arca_lab.diagnostics import summarize_credit
-from arca_lab.kl import kl_probe, summarize_kl
+from arca_lab.kl import KL_NAMES, kl_probe, summarize_kl
 from arca_lab.models import (
     backbone_of,
     base_head,
@@ -48,6 +48,8 @@ from arca_lab.models import (
 )
 
 _NEEDS_BASE = ("arca", "divergence")
+KL_PROBE_KEYS = (*KL_NAMES, "ref_logps")
+"""Per-token outputs of `arca_lab.kl.kl_probe` that only exist where base states were computed."""
 
 
 @dataclass
@@ -297,33 +299,32 @@ class ArcaGRPOTrainer(GRPOTrainer):
         """
         V = self._base_head.weight.size(0)
         chunk = max(1, int(2**26 // max(1, h.size(1) * V)))
+        probing = h_base is not None and bool(probe_rows.any())
         parts: list[dict[str, torch.Tensor]] = []
         for s in range(0, h.size(0), chunk):
             sl = slice(s, s + chunk)
-            logp = (
-                self._head(h[sl]).float().log_softmax(-1)
-            )  # (b, T, V), adapted head if lm_head carries LoRA
-            parts.append(
-                {
-                    "policy_logps": logp.gather(-1, completion_ids[sl].unsqueeze(-1)).squeeze(-1),  # (b, T)
-                    "policy_entropy": -(logp.exp() * logp).sum(-1),
-                }
-            )
-        stats = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        if h_base is None or not probe_rows.any():
-            return stats
-        rows = probe_rows.nonzero().squeeze(-1)
-        probes: list[dict[str, torch.Tensor]] = []
-        for s in range(0, rows.numel(), chunk):
-            r = rows[s : s + chunk]
-            policy_logits, ref_logits = self._head(h[r]).float(), self._base_head(h_base[r]).float()
-            probes.append(kl_probe(policy_logits, ref_logits, completion_ids[r], completion_mask[r]))
-        for k in probes[0]:
-            if k not in stats:
-                stats[k] = _scatter_rows(
-                    torch.cat([p[k] for p in probes]), probe_rows
-                )  # (B, T), NaN off-probe
-        return stats
+            # One projection per row: the adapted head if lm_head carries LoRA.
+            policy_logits = self._head(h[sl]).float()  # (b, T, V)
+            logp = policy_logits.log_softmax(-1)
+            part = {
+                "policy_logps": logp.gather(-1, completion_ids[sl].unsqueeze(-1)).squeeze(-1),  # (b, T)
+                "policy_entropy": -(logp.exp() * logp).sum(-1),
+            }
+            if probing:
+                rows = probe_rows[sl]  # (b,)
+                probed: dict[str, torch.Tensor] = {}
+                if rows.any():
+                    ref_logits = self._base_head(h_base[sl][rows]).float()
+                    probed = kl_probe(
+                        policy_logits[rows], ref_logits, completion_ids[sl][rows], completion_mask[sl][rows]
+                    )
+                for k in KL_PROBE_KEYS:  # NaN on rows without base states
+                    full = part["policy_logps"].new_full(part["policy_logps"].shape, float("nan"))
+                    if probed:
+                        full[rows] = probed[k]
+                    part[k] = full
+            parts.append(part)
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def _log_step(self, inputs, probe, weights, scores, h_last, h_base_last, mask) -> None:
         metrics = self._metrics["train" if self.model.training else "eval"]
