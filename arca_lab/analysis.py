@@ -183,7 +183,7 @@ def predicted_line(ranks: Sequence[float], values: Sequence[float], gamma: float
 
 
 def kl_rank_panels(kl: pd.DataFrame, gamma: pd.DataFrame) -> dict[tuple[str, str], dict[str, pd.DataFrame]]:
-    """What the KL-vs-rank figure draws: per (arm, alpha_rule) with >= 2 ranks, per credit, a rank-indexed table
+    """What the KL-vs-rank figure draws: per (arm, alpha_rule) with >= 2 ranks, per credit with >= 2 ranks there, a rank-indexed table
     of seed means (measured KL mean / max in both directions, the bounds when present) plus "predicted": the
     predicted slope r^γ (kl_ref_policy) drawn through the measured means, NaN when there is no prediction."""
     panels: dict[tuple[str, str], dict[str, pd.DataFrame]] = {}
@@ -192,6 +192,8 @@ def kl_rank_panels(kl: pd.DataFrame, gamma: pd.DataFrame) -> dict[tuple[str, str
             continue
         panels[(arm, rule)] = {}
         for credit, gc in g.groupby("credit"):
+            if gc["rank"].nunique() < 2:  # one rank is no curve; the credit figure compares credits at a rank
+                continue
             m = gc.groupby("rank").mean(numeric_only=True)
             sel = (
                 gamma[
@@ -211,12 +213,20 @@ def kl_rank_panels(kl: pd.DataFrame, gamma: pd.DataFrame) -> dict[tuple[str, str
     return panels
 
 
-def gamma_caption(gamma: pd.DataFrame, arm: str, alpha_rule: str, direction: str = "kl_ref_policy") -> str:
-    """ "credit: fit γ [lo, hi], pred γ" for every credit of one panel, joined by "; "."""
+def gamma_caption(
+    gamma: pd.DataFrame,
+    arm: str,
+    alpha_rule: str,
+    direction: str = "kl_ref_policy",
+    credits: Sequence[str] | None = None,
+) -> str:
+    """ "credit: fit γ [lo, hi], pred γ" for every credit of one panel (or only `credits`), one per line."""
     if not len(gamma):
         return ""
     sel = gamma[(gamma.arm == arm) & (gamma.alpha_rule == alpha_rule) & (gamma.direction == direction)]
-    return "; ".join(
+    if credits is not None:
+        sel = sel[sel.credit.isin(list(credits))]
+    return "\n".join(
         f"{r.credit}: fit {r.gamma_fit:+.2f} [{r.lo:+.2f}, {r.hi:+.2f}], pred {r.gamma_pred:+.2g}"
         for r in sel.itertuples()
     )
@@ -367,6 +377,24 @@ def step_curves(cube: xr.Dataset, var: str) -> pd.DataFrame:
             if not np.isnan(value):
                 rows.append(head | {"step": int(step), "value": float(value)})
     return pd.DataFrame(rows)
+
+
+def curve_means(cube: xr.Dataset, var: str, by: Sequence[str] = ("credit", "arm")) -> pd.DataFrame:
+    """Mean, standard error and run count of a per-step variable per (`by`..., step), over the other axes; the
+    reward figure draws one line per group instead of one per run (a full sweep has 300)."""
+    curves = step_curves(cube, var)
+    if curves.empty:
+        return curves
+    g = curves.groupby([*by, "step"])["value"]
+    return g.agg(mean="mean", sem="sem", n="count").reset_index()
+
+
+def accuracy_by_rank(points: pd.DataFrame, by: Sequence[str] = ("credit", "arm")) -> pd.DataFrame:
+    """Greedy accuracy and pass@k before/after, averaged per (`by`..., rank) over the other axes (seeds,
+    alpha rules, ...), with the run count `n`."""
+    cols = ["acc_before", "acc_after", "pass_before", "pass_after"]
+    g = points.groupby([*by, "rank"])
+    return g[cols].mean().join(g.size().rename("n")).reset_index()
 
 
 def beta_table(points: pd.DataFrame) -> pd.DataFrame | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +118,42 @@ def test_bounds_table_with_and_without_generation(sweep, cube):
         ).all()
 
 
+def test_kl_panels_draw_credits_with_two_ranks_only():
+    # panel (all, 2r): uniform at ranks 1 and 4, arca at rank 4 only -> arca is a point, not a curve
+    kl = pd.DataFrame(
+        dict(
+            arm=["all"] * 4,
+            alpha_rule=["2r"] * 4,
+            credit=["uniform", "uniform", "uniform", "arca"],
+            seed=[0, 1, 0, 0],
+            rank=[1, 1, 4, 4],
+            kl_ref_policy_mean=[0.1, 0.3, 0.8, 0.5],
+        )
+    )
+    gamma = pd.DataFrame(
+        dict(
+            arm=["all"], alpha_rule=["2r"], credit=["uniform"], direction=["kl_ref_policy"], gamma_pred=[1.0]
+        )
+    )
+    panels = analysis.kl_rank_panels(kl, gamma)
+    assert list(panels) == [("all", "2r")] and list(panels[("all", "2r")]) == ["uniform"]
+    m = panels[("all", "2r")]["uniform"]
+    assert m.loc[1, "kl_ref_policy_mean"] == pytest.approx(0.2)  # mean over seeds 0 and 1
+    # slope +1 through the geometric mean (rank 2, KL 0.4): 0.2 at rank 1, 0.8 at rank 4
+    assert m["predicted"].tolist() == pytest.approx([0.2, 0.8])
+
+
+def test_curve_and_accuracy_means_average_over_the_other_axes(cube, points):
+    curves = analysis.curve_means(cube, "reward", by=("arm",))
+    head = curves[curves.arm == "head"].set_index("step")
+    raw = analysis.step_curves(cube, "reward")
+    for step, row in head.iterrows():
+        values = raw[(raw.arm == "head") & (raw.step == step)]["value"]
+        assert row["n"] == 2 and row["mean"] == pytest.approx(values.mean(), rel=1e-12)  # ranks 1 and 2
+    acc = analysis.accuracy_by_rank(points.reset_index(), by=("arm",)).set_index(["arm", "rank"])
+    assert acc.loc[("head", 1), "n"] == 1 and acc.loc[("all", 2), "acc_after"] == points.loc[ALL, "acc_after"]
+
+
 def test_beta_table_needs_both_beta_arms(points):
     assert analysis.beta_table(points.reset_index()) is None  # the tiny sweep has beta = 0 only
     df = pd.DataFrame(
@@ -154,7 +189,6 @@ def test_table3_reference_and_save_figure(tmp_path):
 
 def test_notebook_runs_on_the_tiny_sweep(sweep, tmp_path):
     figs = tmp_path / "figs"
-    start = time.perf_counter()
     out = pm.execute_notebook(
         str(NOTEBOOK),
         str(tmp_path / "executed.ipynb"),
@@ -163,7 +197,6 @@ def test_notebook_runs_on_the_tiny_sweep(sweep, tmp_path):
         cwd=str(tmp_path),
         progress_bar=False,
     )
-    assert time.perf_counter() - start < 60
     for name in FIGURES:
         assert (figs / f"{name}.png").stat().st_size > 5_000, name  # a real plot, not an empty canvas
         assert (figs / f"{name}.svg").is_file()
