@@ -7,6 +7,8 @@ Layout (every dimension named; config values as scalar coordinates; provenance i
   token_roles, token_advantages, kl_policy_ref, kl_ref_policy, policy_logps, ref_logps (NaN padded).
 - dim `layer`: adapted modules with a0_fro / a0_op (||A0|| at initialisation), d_in, d_out.
 - dim `eval_prompt`: greedy_correct_{before,after}, pass_correct_{before,after}.
+- attrs: config_json, git_sha, versions_json, base_model_json (`base_model_info`: path or hub id, embedded build
+  hash and id), title.
 - what a KL bound needs: w_lm_op_norm (||W_lm||_op of the base head), max_head_input_norm (max ||x|| seen by lm_head),
   adapter_scale s, temperature, learning_rate and grad_norm per step (see theory/schema.py).
 """
@@ -54,6 +56,20 @@ def versions() -> dict[str, str]:
     return out
 
 
+def base_model_info(name_or_path: str) -> dict[str, Any]:
+    """Which base model a run adapted: its path or hub id and, for an embedded build, the build's hash, id and
+    accuracy (from its build_info.json), so runs on different builds are never mistaken for the same base."""
+    from arca_lab.embedded import BUILD_INFO
+
+    info: dict[str, Any] = {"name_or_path": name_or_path}
+    build = Path(name_or_path) / BUILD_INFO
+    if build.is_file():
+        meta = json.loads(build.read_text())
+        keep = ("name", "seed", "build_hash", "build_id", "created", "final_accuracy", "num_parameters")
+        info["embedded_build"] = {k: meta.get(k) for k in keep}
+    return info
+
+
 def config_coords(cfg: RunConfig) -> dict[str, Any]:
     """Config values as scalar coordinates (None -> NaN for numbers, "" for strings; bools as int)."""
     coords: dict[str, Any] = {}
@@ -79,6 +95,7 @@ def build_dataset(
     layers: dict[str, dict[str, float]],
     evals: dict[str, Any],
     scalars: dict[str, float],
+    base_model: dict[str, Any] | None = None,
 ) -> xr.Dataset:
     """Assemble run.nc; see the module docstring for the layout."""
     ds = xr.Dataset(coords={"step": np.arange(1, len(step_logs) + 1)})
@@ -122,6 +139,7 @@ def build_dataset(
         config_json=cfg.to_json(),
         git_sha=git_sha(),
         versions_json=json.dumps(versions()),
+        base_model_json=json.dumps(base_model or {}),
         title=f"arca-lab run: credit={cfg.credit} rank={cfg.rank} seed={cfg.seed}",
     )
     return ds

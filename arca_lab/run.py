@@ -26,7 +26,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from arca_lab.config import HF_LR_SCHEDULERS, RunConfig
 from arca_lab.evaluate import EvalResult, evaluate
 from arca_lab.models import base_head, load_policy, lora_config, resolve_device_dtype
-from arca_lab.results import build_dataset, write_netcdf
+from arca_lab.results import base_model_info, build_dataset, write_netcdf
 from arca_lab.tasks import get_task
 from arca_lab.tasks.base import Task
 from arca_lab.trainer import ArcaGRPOConfig, ArcaGRPOTrainer
@@ -153,6 +153,7 @@ def train(cfg: RunConfig, progress: bool = True) -> Path:
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     transformers.set_seed(cfg.seed)
     model, tokenizer = load_policy(cfg)
+    base_model = base_model_info(model.config._name_or_path)  # before peft wraps the model
     task = load_task(cfg)
     train_rows = _fit_prompts(
         task.train_rows(cfg.steps * cfg.prompts_per_step, seed=cfg.seed), tokenizer, cfg
@@ -193,7 +194,9 @@ def train(cfg: RunConfig, progress: bool = True) -> Path:
             "d_model": float(base_head(trainer.model).weight.size(1)),
             "vocab_size": float(base_head(trainer.model).weight.size(0)),
         }
-        ds = build_dataset(cfg, recorder.logs, trainer.last_batch, layers, _eval_vars(before, after), scalars)
+        ds = build_dataset(
+            cfg, recorder.logs, trainer.last_batch, layers, _eval_vars(before, after), scalars, base_model
+        )
         write_netcdf(ds, staging / "run.nc")
         _move_into_place(staging, out)
     except BaseException:

@@ -61,7 +61,8 @@ variables every variable of run.nc with the axis dims in front, e.g. reward(rank
           point has no run, a run is shorter, or a module is not adapted in that arm; integer arrays
           (completion_ids, completion_mask, token_roles) become float with NaN for "missing".
 attrs     title, sweep_json (the grid), run_configs_json ({run_id: config_json}), git_sha (distinct values of
-          the runs, comma-joined), versions_json, created (ISO time), failed_json ({run_id: error line}).
+          the runs, comma-joined), versions_json, base_models_json (distinct base models of the runs), created
+          (ISO time), failed_json ({run_id: error line}).
 
 Summary (`summary_table`): one row per finished grid point with the axis values and reward, KL(pi_base||pi)
 (`kl_kl_ref_policy_mean`, MERL's direction), KL(pi||pi_base), credit Gini and ETR, each the mean over the last

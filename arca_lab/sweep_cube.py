@@ -135,6 +135,10 @@ def combine_runs(
         ),
         git_sha=",".join(shas),
         versions_json=runs[0][1].attrs.get("versions_json", "{}"),
+        # distinct base models of the runs (one, unless the grid varies the model or the embedded build changed)
+        base_models_json=json.dumps(
+            [json.loads(b) for b in sorted({ds.attrs.get("base_model_json", "{}") for _, ds in runs})]
+        ),
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **dict(attrs or {}),
     )

@@ -56,6 +56,10 @@ def test_train_writes_a_complete_run(tiny_model_dir, tmp_path):
     assert ds["rank"].item() == 2 and ds["credit"].item() == "arca"
     cfg = json.loads(ds.attrs["config_json"])
     assert cfg["credit"] == "arca" and ds.attrs["git_sha"]
+    base = json.loads(ds.attrs["base_model_json"])
+    assert (
+        base["name_or_path"] == str(tiny_model_dir) and "embedded_build" not in base
+    )  # not an embedded build
     assert json.loads((out / "config.json").read_text()) == cfg
 
 
@@ -134,3 +138,16 @@ def test_overwrite_replaces_after_success(tiny_model_dir, tmp_path):
         make_config(model=str(tiny_model_dir), out=str(out), overwrite=True, seed=1, **TINY), progress=False
     )
     assert json.loads(load_run(out).attrs["config_json"])["seed"] == 1 != json.loads(first)["seed"]
+
+
+def test_base_model_info_names_the_embedded_build(tmp_path):
+    from arca_lab.embedded import BUILD_INFO
+    from arca_lab.results import base_model_info
+
+    meta = {"name": "embedded", "seed": 3, "build_hash": "abc123", "build_id": "f00", "final_accuracy": 0.41}
+    (tmp_path / BUILD_INFO).write_text(json.dumps(meta | {"eval_history": [[1, 0.1]]}))
+    info = base_model_info(str(tmp_path))
+    assert info["name_or_path"] == str(tmp_path)
+    assert info["embedded_build"]["build_hash"] == "abc123" and info["embedded_build"]["seed"] == 3
+    assert "eval_history" not in info["embedded_build"]
+    assert base_model_info("Qwen/Qwen3-1.7B-Base") == {"name_or_path": "Qwen/Qwen3-1.7B-Base"}

@@ -205,6 +205,8 @@ def test_two_runs_combine_into_a_cube(tiny_model_dir, tmp_path):
         "r1-uniform-s0-all-a2r",
         "r2-arca-s1-head-afixed",
     }
+    # both runs adapted the same base model: one entry
+    assert [b["name_or_path"] for b in json.loads(cube.attrs["base_models_json"])] == [str(tiny_model_dir)]
     write_netcdf(cube, tmp_path / "sweep.nc")
     back = load_sweep(tmp_path / "sweep.nc")
     np.testing.assert_array_equal(back["reward"].values, cube["reward"].values)
