@@ -171,6 +171,8 @@ def gamma_table(
             else:
                 fit = fit_gamma(table.columns.values, table.values, n_boot=n_boot, seed=seed)
                 row.update(gamma_fit=fit.gamma, lo=fit.lo, hi=fit.hi)
+                if len(table) < 2:  # resampling one seed always gives the same fit: no interval at all
+                    row.update(lo=math.nan, hi=math.nan, note="one seed: no confidence interval")
             out.append(row)
     return pd.DataFrame(out)
 
@@ -182,34 +184,50 @@ def predicted_line(ranks: Sequence[float], values: Sequence[float], gamma: float
     return np.exp(log_c) * r**gamma
 
 
-def kl_rank_panels(kl: pd.DataFrame, gamma: pd.DataFrame) -> dict[tuple[str, str], dict[str, pd.DataFrame]]:
-    """What the KL-vs-rank figure draws: per (arm, alpha_rule) with >= 2 ranks, per credit with >= 2 ranks there, a rank-indexed table
-    of seed means (measured KL mean / max in both directions, the bounds when present) plus "predicted": the
-    predicted slope r^γ (kl_ref_policy) drawn through the measured means, NaN when there is no prediction."""
+def series_axes(cube: xr.Dataset) -> list[str]:
+    """What tells the lines of one KL-vs-rank panel apart: credit, then any extra grid axis such as beta (a
+    merl sweep must not average its beta = 0 and beta = 0.05 runs into one curve)."""
+    from arca_lab.sweep_grid import AXES
+
+    return ["credit", *(a for a in sweep_axes(cube) if a not in AXES)]
+
+
+def series_label(series_by: Sequence[str], key: Sequence[Any]) -> str:
+    """ "uniform" or "uniform, beta=0.05": the legend label of one KL-vs-rank line."""
+    return ", ".join([str(key[0]), *(f"{k}={v}" for k, v in zip(series_by[1:], key[1:], strict=True))])
+
+
+def kl_rank_panels(
+    kl: pd.DataFrame, gamma: pd.DataFrame, series_by: Sequence[str] = ("credit",)
+) -> dict[tuple[str, str], dict[str, pd.DataFrame]]:
+    """What the KL-vs-rank figure draws: per (arm, alpha_rule) with >= 2 ranks, one line per value of
+    `series_by` (see `series_axes`) with >= 2 ranks there, keyed by `series_label`: a rank-indexed table of seed
+    means (measured KL mean / max in both directions, the held-out max and bounds when present) plus
+    "predicted": the predicted slope r^γ (kl_ref_policy) drawn through the measured means, NaN when there is no
+    prediction."""
+    series_by = list(series_by)
     panels: dict[tuple[str, str], dict[str, pd.DataFrame]] = {}
     for (arm, rule), g in kl.groupby(["arm", "alpha_rule"]):
         if g["rank"].nunique() < 2:
             continue
         panels[(arm, rule)] = {}
-        for credit, gc in g.groupby("credit"):
-            if gc["rank"].nunique() < 2:  # one rank is no curve; the credit figure compares credits at a rank
+        for key, gs in g.groupby(series_by):
+            if gs["rank"].nunique() < 2:  # one rank is no curve; the credit figure compares credits at a rank
                 continue
-            m = gc.groupby("rank").mean(numeric_only=True)
-            sel = (
-                gamma[
-                    (gamma.arm == arm)
-                    & (gamma.alpha_rule == rule)
-                    & (gamma.credit == credit)
-                    & (gamma.direction == "kl_ref_policy")
+            m = gs.groupby("rank").mean(numeric_only=True)
+            sel = gamma
+            if len(gamma):
+                sel = gamma[
+                    (gamma.arm == arm) & (gamma.alpha_rule == rule) & (gamma.direction == "kl_ref_policy")
                 ]
-                if len(gamma)
-                else gamma
-            )
+                for col, value in zip(series_by, key, strict=True):
+                    if col in sel:
+                        sel = sel[sel[col] == value]
             pred = float(sel["gamma_pred"].iloc[0]) if len(sel) else math.nan
             ok = math.isfinite(pred) and len(m) >= 2 and (m["kl_ref_policy_mean"] > 0).all()
             m["predicted"] = predicted_line(m.index, m["kl_ref_policy_mean"], pred) if ok else math.nan
             m.attrs["gamma_pred"] = pred
-            panels[(arm, rule)][credit] = m
+            panels[(arm, rule)][series_label(series_by, key)] = m
     return panels
 
 
@@ -218,18 +236,22 @@ def gamma_caption(
     arm: str,
     alpha_rule: str,
     direction: str = "kl_ref_policy",
-    credits: Sequence[str] | None = None,
+    series_by: Sequence[str] = ("credit",),
+    labels: Sequence[str] | None = None,
 ) -> str:
-    """ "credit: fit γ [lo, hi], pred γ" for every credit of one panel (or only `credits`), one per line."""
+    """ "label: fit γ [lo, hi] over n seed(s), pred γ" for every line of one panel (or only those in `labels`), one per line."""
     if not len(gamma):
         return ""
     sel = gamma[(gamma.arm == arm) & (gamma.alpha_rule == alpha_rule) & (gamma.direction == direction)]
-    if credits is not None:
-        sel = sel[sel.credit.isin(list(credits))]
-    return "\n".join(
-        f"{r.credit}: fit {r.gamma_fit:+.2f} [{r.lo:+.2f}, {r.hi:+.2f}], pred {r.gamma_pred:+.2g}"
-        for r in sel.itertuples()
-    )
+    lines = []
+    for r in sel.itertuples():
+        label = series_label(series_by, [getattr(r, c) for c in series_by])
+        if labels is None or label in labels:
+            ci = f"[{r.lo:+.2f}, {r.hi:+.2f}]" if math.isfinite(r.lo) else "(no CI)"
+            lines.append(
+                f"{label}: fit {r.gamma_fit:+.2f} {ci} over {r.n_seeds} seed(s), pred {r.gamma_pred:+.2g}"
+            )
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- bounds per run

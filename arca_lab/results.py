@@ -145,6 +145,15 @@ def build_dataset(
     return ds
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write via a temp file and os.replace: a killed write leaves the old file (or none), never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
 def write_netcdf(ds: xr.Dataset, path: str | Path) -> Path:
     """Write atomically: a temp file in the same directory, then os.replace (a killed write leaves no .nc)."""
     path = Path(path)

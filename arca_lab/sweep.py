@@ -297,7 +297,11 @@ def report_main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EX_USAGE
-    cube, rows = combine_sweep(out)
+    try:
+        cube, rows = combine_sweep(out)
+    except (ValueError, OSError) as err:  # e.g. a run.nc from another grid or format, an unwritable directory
+        print(f"arca-lab report: error: cannot combine the runs of {out}: {err}", file=sys.stderr)
+        return EX_USAGE
     if cube is None:
         print(f"arca-lab report: error: {out} has no finished runs yet", file=sys.stderr)
         return EX_USAGE

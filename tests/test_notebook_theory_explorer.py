@@ -5,7 +5,6 @@ caller's sys.executable, so the notebook runs in this interpreter (asserted from
 """
 
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,6 @@ def test_notebook_runs_with_small_parameters(tmp_path):
         "out_dir": str(figs),
     }
     assert set(params) <= set(pm.inspect_notebook(str(NOTEBOOK)))
-    start = time.perf_counter()
     out = pm.execute_notebook(
         str(NOTEBOOK),
         str(tmp_path / "executed.ipynb"),
@@ -39,7 +37,6 @@ def test_notebook_runs_with_small_parameters(tmp_path):
         cwd=str(tmp_path),
         progress_bar=False,
     )
-    assert time.perf_counter() - start < 30
     for name in FIGURES:
         assert (figs / name).stat().st_size > 5_000, name  # a real plot, not an empty canvas
     printed = "".join(

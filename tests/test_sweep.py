@@ -6,6 +6,7 @@ kernel start (a few seconds), so the integration tests share one small sweep (`t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -120,6 +121,14 @@ def test_cost_model_by_hand():
     expected = COST["build"] + COST["startup"] + a + b + COST["analysis"] + 3 * COST["combine_per_run"]
     assert total == pytest.approx(expected)
     assert estimate_run_seconds(make_config(model="some/hub-model")) is None
+
+
+def test_default_grid_fits_ten_minutes_by_the_cost_model():
+    """The default grid was sized with the cost model (issue 4): 2 workers x 1 thread, base build included."""
+    grid = make_grid("default")
+    configs = [dataclasses.replace(grid.config(p, "x"), threads=1) for p in grid.points()]
+    assert len(configs) == 23
+    assert estimate_seconds(configs, workers=2, build_cached=False) <= 600
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -247,6 +256,9 @@ def test_sweep_writes_runs_failures_and_the_cube(tiny_sweep):
     assert int(cube["has_run"].sum()) == 1 and list(cube["max_prompt_length"].values) == [64]
     assert json.loads(cube.attrs["failed_json"]) == {BAD: outcome.failed[BAD]}
     assert json.loads(cube.attrs["sweep_json"])["runs"] == [BAD, GOOD]
+    (session,) = json.loads((out / "sweep.json").read_text())["sessions"]  # the plan and what it took
+    assert (session["to_run"], session["finished"], session["failed"], session["workers"]) == (2, 1, 1, 2)
+    assert session["seconds"] > 0 and session["estimated_seconds"] is None  # no cost model for a local model
     executed = (out / "runs" / GOOD / "run.ipynb").read_text()
     assert json.dumps(f"python: {sys.executable}\n") in executed  # the kernel is the runner's interpreter
     assert load_run(out / "runs" / GOOD)["threads"].item() == 1  # 2 cores / 2 workers
@@ -290,6 +302,8 @@ def test_rerun_skips_finished_runs_and_retries_failed(tiny_sweep, tiny_model_dir
         "ValueError" in (out / "failed" / BAD / "error.txt").read_text()
     )  # recorded again by the submitit job
     assert (out / ".work" / "submitit").is_dir()
+    first, retry = json.loads((out / "sweep.json").read_text())["sessions"]  # the first session is kept
+    assert (first["to_run"], retry["to_run"], retry["failed"], retry["executor"]) == (2, 1, 1, "slurm")
 
 
 def test_a_different_grid_is_refused_and_nothing_is_lost(tiny_sweep, tiny_model_dir):
@@ -379,6 +393,17 @@ def test_report_executes_the_analysis_notebook(tiny_sweep, tmp_path, monkeypatch
     assert report_main([str(out)]) == 0
     assert (out / "analysis.ipynb").is_file() and (out / "figures" / "n.txt").read_text() == "1"
     assert report_main([str(tmp_path)]) == EX_USAGE  # not a sweep directory
+    # the real analysis notebook, as `arca-lab sweep` and `report` run it: one run, so the figures that need
+    # two ranks or a beta > 0 arm are skipped with a note, the others are written
+    monkeypatch.undo()
+    assert report_main([str(out)]) == 0
+    executed = nbformat.read(out / "analysis.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    assert "0 violated bounds: all hold" in printed and "KL-vs-rank figure skipped" in printed
+    assert {p.name for p in (out / "figures").glob("*.png")} >= {
+        "credit_concentration.png",
+        "reward_accuracy.png",
+    }
 
 
 @pytest.mark.slow  # ~11 s; the default suite exercises submitit through the retry in the re-run test

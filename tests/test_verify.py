@@ -223,6 +223,11 @@ def test_sweep_mode_finds_every_run_and_skips_staging(sweep, tmp_path):
     shutil.copytree(sweep / "runs" / ALL, root / ".b.partial-x")  # an unfinished run being written
     assert find_runs(root) == [root / "a" / "r1", root / "b"]
     assert find_runs(root / "b") == [root / "b"]
+    # in a sweep directory, a failed run's kept output (failed/<id>/run) is not a run to verify
+    shutil.copytree(sweep / "runs" / ALL, root / "failed" / "x" / "run")
+    assert find_runs(root)[-1] == root / "failed" / "x" / "run"  # not a sweep directory: found
+    (root / "sweep.json").write_text("{}")
+    assert find_runs(root) == [root / "a" / "r1", root / "b"]
 
 
 def test_rows_report_the_tightest_token():
