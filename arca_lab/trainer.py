@@ -24,6 +24,7 @@ the probe and the credit only ever use the latter.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -137,6 +138,14 @@ class ArcaGRPOTrainer(GRPOTrainer):
         self._backbone = backbone_of(policy)
         self._layers = self._arca_layer_modules(policy)
         self._branches = self._lora_branches(policy) if cfg.credit == "arca_branch" else []
+        if cfg.credit == "arca" and self._is_peft and not self._backbone_adapted(policy):
+            # The full sweep's head-only ARCA runs measured Gini 0 / ETR 1: the credit is exactly uniform.
+            warnings.warn(
+                "credit='arca' with LoRA on lm_head only: the hidden states are the base model's, so the residual "
+                "||h_adapted - h_base|| is 0 and the weights fall back to uniform (ARCA == uniform credit here); "
+                "adapt layers inside the model (target_modules='all-linear') for ARCA to carry a signal",
+                stacklevel=2,
+            )
         self._final_norm = final_norm(policy)
         self.last_batch: dict[str, torch.Tensor] | None = None
         self.forward_counts = {"base": 0, "loss": 0}
@@ -354,6 +363,10 @@ class ArcaGRPOTrainer(GRPOTrainer):
             return [layers[i] for i in idx]
         except IndexError:
             raise ValueError(f"arca_layers={spec!r}: the model has {len(layers)} decoder layers") from None
+
+    @staticmethod
+    def _backbone_adapted(policy: nn.Module) -> bool:
+        return any(isinstance(m, LoraLayer) for m in backbone_of(policy).modules())
 
     @staticmethod
     def _lora_branches(policy: nn.Module) -> list[LoraLayer]:

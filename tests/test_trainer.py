@@ -113,6 +113,20 @@ def test_training_moves_adapters_only(tiny_model_dir, tmp_path, target_modules):
             assert torch.equal(before[n], after[n]), f"base weight {n} changed"
 
 
+def test_arca_on_a_head_only_adapter_warns_and_is_uniform(tiny_model_dir, tmp_path):
+    # lm_head-only LoRA leaves every hidden state at the base model's: residual 0 -> uniform fallback
+    with pytest.warns(UserWarning, match=r"lm_head only.*fall back to uniform"):
+        trainer, rows = make_trainer(
+            tiny_model_dir, tmp_path, credit="arca", target_modules="lm_head", perturb_b=0.5
+        )
+    inputs = one_batch(trainer, rows)
+    trainer.compute_loss(trainer.model, inputs)  # the loss forward's hook computes the credit weights
+    mask = inputs["completion_mask"].bool()
+    w = trainer.last_batch["weights"]  # (B, T)
+    lengths = mask.sum(-1, keepdim=True).expand_as(w)
+    torch.testing.assert_close(w[mask], 1.0 / lengths[mask].float())  # 1/T_i on every token
+
+
 class _ForwardCounter:
     """Counts backbone forwards outside generation (generate's own forwards are the rollout, not ours)."""
 
