@@ -115,8 +115,19 @@ def run_points(cube: xr.Dataset, last_steps: int = 3) -> pd.DataFrame:
                 float(p[f"greedy_accuracy_{when}"]) if f"greedy_accuracy_{when}" in p else math.nan
             )
             row[f"pass_{when}"] = float(p[f"pass_at_k_{when}"]) if f"pass_at_k_{when}" in p else math.nan
-        for name in ("optimizer", "scaling", "beta", "target_modules", "sharpening", "credit_eps"):
+        for name in (
+            "optimizer",
+            "scaling",
+            "beta",
+            "target_modules",
+            "sharpening",
+            "credit_eps",
+            "weight_decay",
+        ):
             row.setdefault(name, _coord(p, name))
+        # what the gamma regime check needs: Σ_t lr_t (the recorded schedule) and the width d of the head input
+        row["eta_T"] = float(np.nansum(p["learning_rate"].values)) if "learning_rate" in p else math.nan
+        row["d_model"] = float(p["d_model"]) if "d_model" in p else math.nan
         row["clip_regime"] = clip_regime(p)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -144,7 +155,7 @@ def gamma_table(
         if len(ranks) < 2:
             continue
         values = values if isinstance(values, tuple) else (values,)
-        pred, regime, note = math.nan, "", ""
+        pred, regime, note, regime_check = math.nan, "", "", ""
         fixed = {c: g[c].unique() for c in ("optimizer", "scaling", "clip_regime")}
         if all(len(v) == 1 for v in fixed.values()) and fixed["clip_regime"][0] != "mixed":
             try:
@@ -156,6 +167,7 @@ def gamma_table(
                     "mean",
                 )
                 pred, regime = gp.gamma, gp.regime
+                regime_check = hyperparameter_regime(gp, g)
             except ValueError as err:
                 note = f"no prediction: {err}"
         else:
@@ -164,7 +176,13 @@ def gamma_table(
             table = g.pivot_table(index="seed", columns="rank", values=f"{d}_mean").dropna()
             row = dict(zip(keys, values, strict=True), direction=d, ranks=tuple(ranks), n_seeds=len(table))
             row.update(
-                gamma_pred=pred, regime=regime, gamma_fit=math.nan, lo=math.nan, hi=math.nan, note=note
+                gamma_pred=pred,
+                regime=regime,
+                regime_check=regime_check,
+                gamma_fit=math.nan,
+                lo=math.nan,
+                hi=math.nan,
+                note=note,
             )
             if len(table) == 0 or (table.values <= 0).any():
                 row["note"] = "no fit: a rank has no run in every seed, or a KL is 0"
@@ -175,6 +193,33 @@ def gamma_table(
                     row.update(lo=math.nan, hi=math.nan, note="one seed: no confidence interval")
             out.append(row)
     return pd.DataFrame(out)
+
+
+HYPERPARAMETER_CHECKS = ("r_max/d", "eta*T*sqrt(3 d r_max)", "eta*T*weight_decay")
+"""The inequalities of `predict_gamma`'s regime that a sweep's recorded hyper-parameters decide on their own; the
+others (logit range, A drift, clipping statistics) need the trained adapters and are not checked here."""
+
+
+def hyperparameter_regime(prediction: Any, group: pd.DataFrame) -> str:
+    """ "ok" or the failing inequalities (joined by "; ") among `HYPERPARAMETER_CHECKS` for one gamma group.
+
+    Adam(W) only (SGD's regime is decided by clipping statistics): d = d_model, r_max = the group's largest rank,
+    eta_T = the largest Σ_t lr_t of its runs (theory/rank_scaling.md §3.3). "" when the inputs are missing.
+    """
+    if (group["optimizer"] == "sgd").any() or group[["d_model", "eta_T"]].isna().any().any():
+        return ""
+    diag = dict(
+        d=float(group["d_model"].max()),
+        r_max=float(group["rank"].max()),
+        eta_T=float(group["eta_T"].max()),
+        weight_decay=float(group["weight_decay"].max()),
+        vocab_size=math.nan,
+        max_range=math.nan,
+        max_drift=math.nan,
+    )
+    lines = [ln for ln in prediction.check(diag).lines if ln.startswith(HYPERPARAMETER_CHECKS)]
+    failing = [ln.removesuffix(" -> FAILS") for ln in lines if ln.endswith("FAILS")]
+    return "; ".join(failing) if failing else "ok"
 
 
 def predicted_line(ranks: Sequence[float], values: Sequence[float], gamma: float) -> np.ndarray:

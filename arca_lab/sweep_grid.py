@@ -367,9 +367,10 @@ COST = dict(
     per_completion=0.0075,  # step seconds per sampled completion: 0.96 s per step of 16 x 8 (arm all, uniform)
     per_eval_sequence=0.0025,  # one greedy or sampled held-out completion, before and after
     build=60.0,  # the embedded base-model build when not cached (61.5 s on idle cores; it stops at an accuracy)
-    analysis=35.0,  # the analysis notebook (35 s measured)
+    analysis=25.0,  # the analysis notebook's fixed part (35 s measured for the 23-run default sweep) ...
+    analysis_per_run=0.7,  # ... plus verify-bound on 8 held-out prompts per run (232 s for the 300-run full sweep)
     startup=5.0,  # runner imports, kernelspec, worker processes
-    combine_per_run=0.15,
+    combine_per_run=0.42,  # reading run.nc files into sweep.nc (127 s for the 300-run full sweep)
 )
 CREDIT_FACTOR = {"surprisal": 1.1, "entropy_reduction": 1.1, "divergence": 1.1, "arca": 1.15}
 """Step-time multiplier per credit relative to uniform (arca: one extra no-grad base forward); measured
@@ -402,8 +403,11 @@ def estimate_run_seconds(cfg: RunConfig) -> float | None:
     return COST["notebook"] + COST["setup"] + evals + cfg.steps * step
 
 
-def estimate_seconds(configs: Sequence[RunConfig], workers: int, build_cached: bool = True) -> float | None:
-    """Wall seconds of a sweep: base build + makespan of the runs over `workers` (in order) + analysis."""
+def estimate_seconds(
+    configs: Sequence[RunConfig], workers: int, build_cached: bool = True, total_runs: int | None = None
+) -> float | None:
+    """Wall seconds of a sweep: base build + makespan of `configs` (the runs to do) over `workers` (in order) +
+    combining and analysing all `total_runs` finished runs (default: as many as `configs`)."""
     runs = [estimate_run_seconds(c) for c in configs]
     if any(r is None for r in runs):
         return None
@@ -412,7 +416,9 @@ def estimate_seconds(configs: Sequence[RunConfig], workers: int, build_cached: b
         i = min(range(len(free)), key=free.__getitem__)
         free[i] += r  # type: ignore[operator]
     build = 0.0 if build_cached else COST["build"]
-    return build + COST["startup"] + max(free) + COST["analysis"] + COST["combine_per_run"] * len(runs)
+    n = len(runs) if total_runs is None else total_runs
+    per_run = COST["combine_per_run"] + COST["analysis_per_run"]
+    return build + COST["startup"] + max(free) + COST["analysis"] + per_run * n
 
 
 def default_threads(workers: int, cpus: int | None = None) -> int:

@@ -197,7 +197,10 @@ def run_sweep(
         spec_dir = cache_root() / "embedded" / f"s0-{EmbeddedSpec().build_hash(0)}"
         cached = (spec_dir / BUILD_INFO).is_file()
     estimate = estimate_seconds(
-        [configs[i] for i in pending], workers, build_cached=not needs_build or cached
+        [configs[i] for i in pending],
+        workers,
+        build_cached=not needs_build or cached,
+        total_runs=len(configs),
     )
     log(
         f"sweep {out}: {len(configs)} runs ({len(skipped)} finished before, {len(pending)} to run) over "

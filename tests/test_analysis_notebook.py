@@ -57,7 +57,7 @@ def test_run_points_are_the_runs_own_numbers(sweep, points):
     assert points.loc[ALL, "arm"] == "all" and points.loc[HEAD, "rank"] == 2
 
 
-def test_gamma_fit_of_two_ranks_is_the_log_slope(points):
+def test_gamma_fit_of_two_ranks_is_the_log_slope(sweep, points):
     gamma = analysis.gamma_table(points.reset_index(), n_boot=1000)
     assert set(gamma["arm"]) == {"head"}  # the all-linear arm has one rank: no fit
     for d in analysis.DIRECTIONS:
@@ -67,6 +67,18 @@ def test_gamma_fit_of_two_ranks_is_the_log_slope(points):
         assert math.isnan(row.lo) and math.isnan(row.hi)  # one seed: resampling cannot give an interval
         assert row.note == "one seed: no confidence interval" and row.n_seeds == 1
         assert row.gamma_pred == 1.0  # AdamW, s = alpha/r with alpha = 2r: theory/rank_scaling.md §3.4 table
+    # The hyper-parameter part of the regime, by hand: Σ lr over the recorded steps, d = head input width, r_max 2
+    ds = load_run(sweep / "runs" / HEAD)
+    eta_t = float(ds["learning_rate"].sum())
+    assert points.loc[HEAD, "eta_T"] == pytest.approx(eta_t) and points.loc[HEAD, "d_model"] == float(
+        ds["d_model"]
+    )
+    d = float(ds["d_model"])
+    reach = max(points.loc[[R1_HEAD, HEAD], "eta_T"]) * math.sqrt(3 * d * 2)
+    expected = [f"r_max/d (r << d): {2 / d:.4g} <= 0.125"] if 2 / d > 0.125 else []
+    expected += [f"eta*T*sqrt(3 d r_max): {reach:.4g} <= 0.1"] if reach > 0.1 else []
+    assert reach > 0.1  # lr 5e-2 over 2 steps: far outside the small-step regime
+    assert set(gamma["regime_check"]) == {"; ".join(expected)}
 
 
 def test_predicted_line_has_slope_gamma_through_the_geometric_mean():

@@ -118,8 +118,12 @@ def test_cost_model_by_hand():
     # Makespan over 2 workers in order: runs a, a, b go to worker 1, 2, then the first free one (1).
     a, b = estimate_run_seconds(cfg), estimate_run_seconds(arca)
     total = estimate_seconds([cfg, cfg, arca], workers=2, build_cached=False)
-    expected = COST["build"] + COST["startup"] + a + b + COST["analysis"] + 3 * COST["combine_per_run"]
+    per_run = COST["combine_per_run"] + COST["analysis_per_run"]  # combine + verify-bound, for every run
+    expected = COST["build"] + COST["startup"] + a + b + COST["analysis"] + 3 * per_run
     assert total == pytest.approx(expected)
+    # a resumed sweep with 1 run to do still combines and analyses all 300
+    resumed = estimate_seconds([cfg], workers=2, total_runs=300)
+    assert resumed == pytest.approx(COST["startup"] + a + COST["analysis"] + 300 * per_run)
     assert estimate_run_seconds(make_config(model="some/hub-model")) is None
 
 
