@@ -284,7 +284,7 @@ def gamma_caption(
     series_by: Sequence[str] = ("credit",),
     labels: Sequence[str] | None = None,
 ) -> str:
-    """ "label: fit γ [lo, hi] over n seed(s), pred γ" for every line of one panel (or only those in `labels`), one per line."""
+    """ "label: fit γ [lo, hi] over n seed(s), pred γ", one line per line of the panel (or per one in `labels`)."""
     if not len(gamma):
         return ""
     sel = gamma[(gamma.arm == arm) & (gamma.alpha_rule == alpha_rule) & (gamma.direction == direction)]
