@@ -167,7 +167,7 @@ def gamma_table(
                     "mean",
                 )
                 pred, regime = gp.gamma, gp.regime
-                regime_check = hyperparameter_regime(gp, g)
+                regime_check = hyperparameter_regime(g)
             except ValueError as err:
                 note = f"no prediction: {err}"
         else:
@@ -195,17 +195,12 @@ def gamma_table(
     return pd.DataFrame(out)
 
 
-HYPERPARAMETER_CHECKS = ("r_max/d", "eta*T*sqrt(3 d r_max)", "eta*T*weight_decay")
-"""The inequalities of `predict_gamma`'s regime that a sweep's recorded hyper-parameters decide on their own; the
-others (logit range, A drift, clipping statistics) need the trained adapters and are not checked here."""
+def hyperparameter_regime(group: pd.DataFrame) -> str:
+    """ "ok" or the failing inequalities (joined by "; ") of `theory.rank_scaling.hyperparameter_check` for one
+    gamma group: d = d_model, r_max = the group's largest rank, eta_T = the largest Σ_t lr_t of its runs
+    (theory/rank_scaling.md §3.3). "" for SGD (its regime needs clipping statistics) or missing inputs."""
+    from theory.rank_scaling import hyperparameter_check
 
-
-def hyperparameter_regime(prediction: Any, group: pd.DataFrame) -> str:
-    """ "ok" or the failing inequalities (joined by "; ") among `HYPERPARAMETER_CHECKS` for one gamma group.
-
-    Adam(W) only (SGD's regime is decided by clipping statistics): d = d_model, r_max = the group's largest rank,
-    eta_T = the largest Σ_t lr_t of its runs (theory/rank_scaling.md §3.3). "" when the inputs are missing.
-    """
     if (group["optimizer"] == "sgd").any() or group[["d_model", "eta_T"]].isna().any().any():
         return ""
     diag = dict(
@@ -213,11 +208,8 @@ def hyperparameter_regime(prediction: Any, group: pd.DataFrame) -> str:
         r_max=float(group["rank"].max()),
         eta_T=float(group["eta_T"].max()),
         weight_decay=float(group["weight_decay"].max()),
-        vocab_size=math.nan,
-        max_range=math.nan,
-        max_drift=math.nan,
     )
-    lines = [ln for ln in prediction.check(diag).lines if ln.startswith(HYPERPARAMETER_CHECKS)]
+    lines = hyperparameter_check(str(group["optimizer"].iloc[0]), diag).lines
     failing = [ln.removesuffix(" -> FAILS") for ln in lines if ln.endswith("FAILS")]
     return "; ".join(failing) if failing else "ok"
 

@@ -15,6 +15,7 @@ from theory.rank_scaling import (
     alpha_for,
     derive_gamma,
     fit_gamma,
+    hyperparameter_check,
     kl_leading_expr,
     local_exponent,
     predict_gamma,
@@ -142,3 +143,14 @@ def test_bad_clip_regime_rank_and_fit_input():
         fit_gamma([1, 2], np.ones((5, 2)), n_boot=10)
     with pytest.raises(ValueError, match="shape"):
         fit_gamma([1, 2, 4], np.ones((5, 2)))
+
+
+def test_hyperparameter_check_is_the_full_checks_hyperparameter_lines():
+    diag = dict(d=128.0, r_max=32.0, eta_T=0.024, weight_decay=0.0, max_range=0.1, max_drift=0.01)
+    full = predict_gamma("adamw", "alpha/r", "2r", measure="mean").check(diag).lines
+    part = hyperparameter_check("adamw", diag)
+    assert set(part.lines) <= set(full) and len(part.lines) == 3
+    # by hand: r/d = 0.25 > 1/8; 0.024 * sqrt(3 * 128 * 32) = 2.66 > 0.1; 0.024 * 0 = 0 <= 0.01
+    assert [line.endswith("FAILS") for line in part.lines] == [True, True, False] and not part.ok
+    with pytest.raises(ValueError, match="Adam"):
+        hyperparameter_check("sgd", diag)

@@ -158,11 +158,33 @@ def _ineq(name: str, lhs: float, op: str, rhs: float) -> tuple[bool, str]:
     return ok, f"{name}: {lhs:.4g} {op} {rhs:.4g} -> {'ok' if ok else 'FAILS'}"
 
 
+def _rank_item(diag: Mapping[str, float]) -> tuple[bool, str]:
+    return _ineq("r_max/d (r << d)", diag["r_max"] / diag["d"], "<=", R_OVER_D_MAX)
+
+
+def _adam_items(diag: Mapping[str, float]) -> list[tuple[bool, str]]:
+    reach = diag["eta_T"] * np.sqrt(3 * diag["d"] * diag["r_max"])
+    return [
+        _ineq("eta*T*sqrt(3 d r_max)", float(reach), "<=", ADAM_REACH_MAX),
+        _ineq("eta*T*weight_decay", diag["eta_T"] * diag["weight_decay"], "<=", DECAY_MAX),
+    ]
+
+
+def hyperparameter_check(optimizer: str, diag: Mapping[str, float]) -> RegimeCheck:
+    """The regime inequalities that hyper-parameters alone decide, for Adam(W): r_max/d, ηT·√(3 d r_max) and
+    ηT·λ (`diag` keys d, r_max, eta_T = Σ lr, weight_decay). The others (logit range, A drift, clipping
+    statistics) need a trained adapter; SGD's regime is decided by its clipping statistics, so it is refused."""
+    if _regime_key(optimizer, "inactive") != "adam":
+        raise ValueError(f"hyperparameter_check covers Adam(W) only, got optimizer={optimizer!r}")
+    items = [_rank_item(diag), *_adam_items(diag)]
+    return RegimeCheck(all(ok for ok, _ in items), [line for _, line in items])
+
+
 def _make_check(key: str, measure: str) -> Callable[[Mapping[str, float]], RegimeCheck]:
     def check(diag: Mapping[str, float]) -> RegimeCheck:
         """`diag` keys: d, r_max, vocab_size, w0_scale, max_range, max_drift, clip_fraction_min/max,
         min_coherence, min_grad_norm, steps, eta_T (Σ lr), weight_decay."""
-        items = [_ineq("r_max/d (r << d)", diag["r_max"] / diag["d"], "<=", R_OVER_D_MAX)]
+        items = [_rank_item(diag)]
         if measure == "max":  # §6: a max over contexts / the ball needs a rank-one centred gradient
             items.append(_ineq("V (rank-one centred gradient)", diag["vocab_size"], "==", 2))
         items += [
@@ -181,9 +203,7 @@ def _make_check(key: str, measure: str) -> Callable[[Mapping[str, float]], Regim
             coh_ok, coh = _ineq("snr (coherent limit)", rho, ">=", SNR_COHERENT_MIN)
             items.append((walk_ok or coh_ok, f"{walk}  OR  {coh}"))
         else:
-            reach = diag["eta_T"] * np.sqrt(3 * diag["d"] * diag["r_max"])
-            items.append(_ineq("eta*T*sqrt(3 d r_max)", float(reach), "<=", ADAM_REACH_MAX))
-            items.append(_ineq("eta*T*weight_decay", diag["eta_T"] * diag["weight_decay"], "<=", DECAY_MAX))
+            items += _adam_items(diag)
         return RegimeCheck(all(ok for ok, _ in items), [line for _, line in items])
 
     return check
