@@ -109,7 +109,7 @@ def _train(args: argparse.Namespace) -> int:
     print(
         f"  pass@{cfg.pass_k}           {float(ds.pass_at_k_before):.3f} -> {float(ds.pass_at_k_after):.3f}"
     )
-    for name in ("reward", "credit_gini", "credit_etr", "kl_kl_ref_policy_mean", "kl_kl_policy_ref_max"):
+    for name in ("reward", "credit_gini", "credit_etr", "kl_ref_policy_mean", "kl_policy_ref_max"):
         if name in ds:
             print(f"  {name:<24}{float(last[name]):.4g}  (final step)")
     return 0

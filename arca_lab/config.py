@@ -46,7 +46,9 @@ class RunConfig:
     target_modules: str = "all-linear"
     """Adapted modules: "all-linear", "lm_head" (head-only, found via get_output_embeddings), or a comma list."""
     lora_dropout: float = 0.0
-    """Dropout on the LoRA branch input (the ARCA paper used 0.05); must be 0 when lm_head is adapted."""
+    """Dropout on the LoRA branch input (the ARCA paper used 0.05); needs train_dropout; 0 if lm_head is adapted."""
+    train_dropout: bool = False
+    """Keep dropout (model config and lora_dropout) in the loss forward; sampling, credit and probe never drop out."""
     # --- token credit -----------------------------------------------------------------------------------
     credit: str = "uniform"
     """Token credit: uniform, surprisal, entropy_reduction, divergence, arca or arca_branch."""
@@ -167,6 +169,12 @@ class RunConfig:
             raise bad("top_p", self.top_p, "use 0 < top_p <= 1")
         if not 0 <= self.lora_dropout < 1:
             raise bad("lora_dropout", self.lora_dropout, "use 0 <= dropout < 1")
+        if self.lora_dropout > 0 and not self.train_dropout:
+            raise bad(
+                "lora_dropout",
+                self.lora_dropout,
+                "dropout is off in training unless train_dropout=True (--train-dropout): set that, or use 0",
+            )
         if self.head_adapted and self.lora_dropout > 0:
             raise bad(
                 "lora_dropout",
@@ -244,6 +252,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         alpha="2r",
         target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         lora_dropout=0.05,
+        train_dropout=True,  # the authors' loop trains with peft's LoRA dropout on
         credit="arca",
         sharpening=2.0,
         steps=100,

@@ -28,6 +28,8 @@ Position t's quantities are those of the logits that predict y_t. Everything is 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 CREDITS: tuple[str, ...] = ("uniform", "surprisal", "entropy_reduction", "divergence", "arca", "arca_branch")
@@ -117,17 +119,41 @@ def aggregate_layers(scores: torch.Tensor, how: str) -> torch.Tensor:
     return s.square().mean(dim=0).sqrt()  # rms
 
 
+def _log_powered(scores: torch.Tensor, mask: torch.Tensor, sharpening: float, eps: float) -> torch.Tensor:
+    """p · log(α_t + ε) on valid tokens, −inf elsewhere (B, T), float64: the log of the numerator of w_t."""
+    alpha = torch.where(mask, scores.double().clamp_min(0.0), 0.0)  # where, not *, so NaN padding dies
+    return torch.where(mask, sharpening * torch.log(alpha + eps), -torch.inf)
+
+
+def fallback_rows(
+    scores: torch.Tensor, completion_mask: torch.Tensor, sharpening: float = 1.0, eps: float = 1e-8
+) -> torch.Tensor:
+    """Rows whose normalisation falls back to uniform: Σ_k (α_k + ε)^p ≤ ε (ARCA paper's guard), or no valid
+    token. (B,) bool.
+
+    The guard compares a sum of powered scores with ε, so it is not scale-invariant: for p = 2, T = 24 and
+    ε = 1e-8 every row whose scores are all below ≈ 2e-5 falls back (log it: `credit_fallback_fraction`).
+    """
+    mask = _bool_mask(completion_mask)
+    _check_bt("scores", scores, mask)
+    log_denom = torch.logsumexp(
+        _log_powered(scores, mask, sharpening, eps), dim=-1
+    )  # (B,); −inf on empty rows
+    return log_denom <= (math.log(eps) if eps > 0 else -math.inf)
+
+
 def normalize_scores(
     scores: torch.Tensor, completion_mask: torch.Tensor, sharpening: float = 1.0, eps: float = 1e-8
 ) -> torch.Tensor:
     """Within-trajectory normalisation (ARCA paper, eq. "normalize"; sharpening power from the authors' code):
 
-        w_t = (α_t + ε)^p / Σ_k (α_k + ε)^p   over the row's valid tokens,  α clamped ≥ 0,  p = sharpening.
+        w_t = (α_t + ε)^p / Σ_k (α_k + ε)^p   over the row's valid tokens,  α clamped ≥ 0,  p = sharpening,
 
-    If Σ_k (α_k + ε)^p ≤ ε the row falls back to uniform 1/T_i over its valid tokens (the paper's guard
-    against all-zero scores); rows without valid tokens get zeros. Invalid positions get 0 whatever `scores`
-    holds there (NaN/inf from padding included). The authors' runs used p = 2.0; our default is 1 (the
-    paper's formula).
+    computed in log space as softmax_t(p · log(α_t + ε)) in float64, so large α^p neither overflows nor gives
+    NaN (α = 20, p = 30 is fine). If Σ_k (α_k + ε)^p ≤ ε (`fallback_rows`) the row falls back to uniform 1/T_i
+    over its valid tokens (the paper's guard against all-zero scores); rows without valid tokens get zeros.
+    Invalid positions get 0 whatever `scores` holds there (NaN/inf from padding included). The authors' runs
+    used p = 2.0; our default is 1 (the paper's formula). Returns float32.
     """
     if not sharpening > 0:
         raise ValueError(f"sharpening must be > 0 (1.0 = the paper's normalisation), got {sharpening}")
@@ -135,14 +161,13 @@ def normalize_scores(
         raise ValueError(f"eps must be >= 0 (the paper uses 1e-8), got {eps}")
     mask = _bool_mask(completion_mask)
     _check_bt("scores", scores, mask)
-    alpha = torch.where(mask, scores.float().clamp_min(0.0), 0.0)  # (B, T); where, not *, so NaN padding dies
-    powered = torch.where(mask, (alpha + eps).pow(sharpening), 0.0)  # (B, T)
-    denom = powered.sum(dim=-1, keepdim=True)  # (B, 1)
+    log_num = _log_powered(scores, mask, sharpening, eps)  # (B, T)
+    fallback = fallback_rows(scores, mask, sharpening, eps)[:, None]  # (B, 1); also catches empty rows
     n_valid = mask.sum(dim=-1, keepdim=True)  # (B, 1)
-    uniform = mask.float() / n_valid.clamp_min(1).float()  # (B, T); zeros on empty rows
-    fallback = denom <= eps  # (B, 1); also catches empty rows (denom = 0)
-    weights = powered / torch.where(fallback, 1.0, denom)
-    return torch.where(fallback, uniform, weights)
+    uniform = mask.double() / n_valid.clamp_min(1).double()  # (B, T); zeros on empty rows
+    safe = torch.where(fallback, 0.0, log_num)  # (B, T); avoids softmax over an all −inf row
+    weights = torch.where(mask, torch.softmax(safe, dim=-1), 0.0)
+    return torch.where(fallback, uniform, weights).float()
 
 
 def token_advantages(

@@ -38,9 +38,11 @@ def gini(weights: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
         G = Σ_i (2i − n − 1) w_(i) / (n Σ_i w_i),   w_(1) ≤ … ≤ w_(n) the valid weights, i = 1..n.
 
     0 = uniform, (n − 1)/n = one-hot. NaN for rows with n ≤ 1 or Σ w = 0. (B,)
+    Computed in float64 as Σ_i (2i − n − 1)(w_(i) − w_(1)) (equal, since Σ_i (2i − n − 1) = 0), so equal
+    weights give exactly 0, and clamped at 0 (G ≥ 0; rounding could otherwise give −1e-10).
     """
     mask = _bool_mask(completion_mask, weights)
-    w = weights.float()
+    w = weights.double()
     T = w.shape[-1]
     # Push invalid entries to the end of the ascending sort so the valid ones occupy ranks 1..n.
     sorted_w = torch.where(mask, w, math.inf).sort(dim=-1).values  # (B, T)
@@ -48,11 +50,12 @@ def gini(weights: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     rank = torch.arange(1, T + 1, device=w.device).expand_as(sorted_w)  # (B, T), i = 1..T
     in_row = rank <= n
     sorted_w = torch.where(in_row, sorted_w, 0.0)
-    coef = (2 * rank - n - 1).float()  # (B, T)
-    numer = (coef * sorted_w).sum(dim=-1)  # (B,)
-    denom = n.squeeze(-1).float() * sorted_w.sum(dim=-1)  # (B,)
+    excess = torch.where(in_row, sorted_w - sorted_w[:, :1], 0.0)  # (B, T): w_(i) − w_(1) ≥ 0
+    coef = (2 * rank - n - 1).double()  # (B, T)
+    numer = (coef * excess).sum(dim=-1).clamp_min(0.0)  # (B,)
+    denom = n.squeeze(-1).double() * sorted_w.sum(dim=-1)  # (B,)
     defined = (n.squeeze(-1) > 1) & (denom > 0)
-    return torch.where(defined, numer / torch.where(defined, denom, 1.0), math.nan)
+    return torch.where(defined, numer / torch.where(defined, denom, 1.0), math.nan).float()
 
 
 def effective_tokens(weights: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
@@ -105,13 +108,16 @@ def summarize_credit(
     completion_mask: torch.Tensor,
     roles: torch.Tensor | None = None,
     raw_scores: torch.Tensor | None = None,
+    fallback: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Batch means of the credit diagnostics, as plain floats (for logging).
 
     Keys: "gini" (mean over rows with n > 1), "etr", "effn" (mean over rows with a valid token), "tokens"
     (mean T_i over all rows), "role_mass/<role>" for each role of ROLES (mean over rows with a valid token)
     when `roles` is given, and "score/mean", "score/std" (population std), "score/max" over all valid tokens
-    of the batch when `raw_scores` is given. A key with nothing to average is NaN.
+    of the batch when `raw_scores` is given, and "fallback_fraction" (fraction of rows with a valid token whose
+    normalisation fell back to uniform, `arca_lab.credit.fallback_rows`) when `fallback` (B,) is given.
+    A key with nothing to average is NaN.
     """
     mask = _bool_mask(completion_mask, weights)
     has_token = mask.any(dim=-1)  # (B,)
@@ -136,4 +142,7 @@ def summarize_credit(
         out["score/mean"] = math.nan if empty else float(vals.mean())
         out["score/std"] = math.nan if empty else float(vals.std(correction=0))
         out["score/max"] = math.nan if empty else float(vals.max())
+    if fallback is not None:
+        fell = fallback.reshape(-1).bool()[has_token]  # (B',)
+        out["fallback_fraction"] = float(fell.float().mean()) if fell.numel() else math.nan
     return out

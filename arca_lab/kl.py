@@ -10,8 +10,14 @@ Sources:
 - k1 = log π_θ − log π_ref and k3 = r − log r − 1 with r = π_ref/π_θ, unbiased estimators of KL(π_θ‖π_ref)
   on tokens sampled from π_θ (J. Schulman, "Approximating KL divergence", 2020; k3 is what TRL's GRPOTrainer
   computes as `per_token_kl`).
-Summing exact per-position KLs along a sampled completion gives an unbiased estimate of the sequence-level
-KL(π_θ(·|x) ‖ π_ref(·|x)) (chain rule of KL), hence the "seq_mean" summary.
+Sequence-level KL (chain rule of KL): KL(P‖Q) over completions = E_{y~P} Σ_t KL(P(·|y_<t) ‖ Q(·|y_<t)).
+- KL(π_θ‖π_ref): completions are sampled from π_θ, so Σ_t kl_policy_ref_t is an unbiased estimate per sequence.
+- KL(π_ref‖π_θ): the expectation is over π_ref, not over the sampler. Importance weighting each term by its
+  prefix's likelihood ratio, ρ_<t = Π_{s<t} π_ref(y_s)/π_θ(y_s), gives the unbiased estimate
+  Σ_t ρ_<t · kl_ref_policy_t (our derivation: E_{y~π_θ}[ρ_<t f(y_<t)] = E_{y~π_ref}[f(y_<t)] for any f of the
+  prefix). Summing kl_ref_policy_t unweighted, as earlier versions did, estimates a different quantity.
+Both hold only when completions are sampled from π_θ at temperature 1 without top-p/top-k truncation (the
+trainer logs NaN for the sequence estimates otherwise).
 
 Notation:
     B: completions in the batch; T: padded completion length; V: vocabulary size
@@ -32,6 +38,13 @@ DEFAULT_CHUNK = 256
 
 KL_NAMES: tuple[str, ...] = ("kl_policy_ref", "kl_ref_policy", "k1", "k3")
 """The KL tensors of `kl_probe` that `summarize_kl` reports."""
+SUMMARY_NAMES: dict[str, str] = {
+    "kl_policy_ref": "policy_ref",
+    "kl_ref_policy": "ref_policy",
+    "k1": "k1",
+    "k3": "k3",
+}
+"""Probe tensor -> logged name: `summarize_kl` keys are "kl/<logged name>/<stat>" (run.nc: kl_<name>_<stat>)."""
 
 
 def _kl_from_logps(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -157,13 +170,33 @@ def kl_probe(
     }
 
 
-def summarize_kl(probe: dict[str, torch.Tensor], completion_mask: torch.Tensor) -> dict[str, float]:
-    """Plain-float summaries of the four KL tensors of `kl_probe` (keys of KL_NAMES):
+def prefix_weights(
+    per_token_logps: torch.Tensor, ref_per_token_logps: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
+    """ρ_<t = Π_{s<t, valid} π_ref(y_s)/π_θ(y_s), the likelihood ratio of each token's prefix. (B, T), float64.
 
-    "kl/<name>/mean" (over all valid tokens of the batch), "kl/<name>/max" (over valid tokens), and
-    "kl/<name>/seq_mean" (mean over rows with a valid token of the per-sequence sum: a sequence-level KL
-    estimate).
-    NaN when the batch has no valid token.
+    ρ_<1 = 1. With y ~ π_θ, E[ρ_<t f(y_<t)] = E_{y~π_ref}[f(y_<t)] (importance sampling over prefixes; module
+    docstring). Computed in float64 from the cumulative log-ratio, so long completions do not underflow early.
+    """
+    mask = completion_mask.bool()
+    log_ratio = torch.where(mask, ref_per_token_logps.double() - per_token_logps.double(), 0.0)  # (B, T)
+    before = torch.cumsum(log_ratio, dim=-1) - log_ratio  # (B, T): Σ_{s<t}
+    return torch.exp(before)
+
+
+def summarize_kl(
+    probe: dict[str, torch.Tensor], completion_mask: torch.Tensor, *, sequence_estimates: bool = True
+) -> dict[str, float]:
+    """Plain-float summaries of the four KL tensors of `kl_probe`, keyed "kl/<name>/<stat>" with <name> from
+    SUMMARY_NAMES (policy_ref, ref_policy, k1, k3):
+
+    - "mean": mean over all valid tokens of the given rows;
+    - "max": max over the same tokens;
+    - "seq_mean": mean over rows with a valid token of a per-sequence estimate of the sequence-level KL:
+      Σ_t x_t for policy_ref, k1 and k3 (samples from π_θ); Σ_t ρ_<t x_t for ref_policy (importance-weighted,
+      see `prefix_weights`; needs "policy_logps" and "ref_logps" in `probe`). NaN when `sequence_estimates` is
+      False (the completions were not sampled from π_θ at temperature 1).
+    NaN when the rows hold no valid token.
     """
     mask = completion_mask.bool()
     has_token = mask.any(dim=-1)  # (B,)
@@ -176,8 +209,18 @@ def summarize_kl(probe: dict[str, torch.Tensor], completion_mask: torch.Tensor) 
             raise ValueError(f"probe[{name!r}] must have the shape of completion_mask {tuple(mask.shape)}")
         vals = x[mask]
         empty = vals.numel() == 0
-        out[f"kl/{name}/mean"] = math.nan if empty else float(vals.mean())
-        out[f"kl/{name}/max"] = math.nan if empty else float(vals.max())
-        seq = torch.where(mask, x, 0.0).sum(dim=-1)[has_token]  # (B',)
-        out[f"kl/{name}/seq_mean"] = math.nan if empty else float(seq.mean())
+        key = f"kl/{SUMMARY_NAMES[name]}"
+        out[f"{key}/mean"] = math.nan if empty else float(vals.mean())
+        out[f"{key}/max"] = math.nan if empty else float(vals.max())
+        if empty or not sequence_estimates:
+            out[f"{key}/seq_mean"] = math.nan
+            continue
+        terms = torch.where(mask, x.double(), 0.0)  # (B, T)
+        if name == "kl_ref_policy":
+            if "policy_logps" not in probe or "ref_logps" not in probe:
+                raise ValueError(
+                    "the ref_policy sequence estimate needs probe['policy_logps'] and ['ref_logps']"
+                )
+            terms = terms * prefix_weights(probe["policy_logps"], probe["ref_logps"], mask)
+        out[f"{key}/seq_mean"] = float(terms.sum(dim=-1)[has_token].mean())
     return out

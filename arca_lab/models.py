@@ -144,3 +144,57 @@ def lora_config(cfg: RunConfig, model: nn.Module) -> LoraConfig:
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def logit_transform(model: nn.Module) -> tuple[float, float | None]:
+    """(logit_scale, final_logit_softcapping) the model applies after its output layer: logits =
+    cap · tanh(scale · z / cap) (no tanh when cap is None), z = lm_head(h).
+
+    Read from the config exactly as TRL 1.16's fused head reads it (`trl.trainer.utils.add_fused_lm_head`), so
+    the credit and probe path scores the distribution the loss trains: Gemma's `final_logit_softcapping`,
+    `logit_scale` / `output_multiplier` / `lm_head_multiplier` multipliers, Granite's `logits_scaling` divisor
+    (a multiplier for HyperCLOVA X). The first-batch self-check in the trainer verifies the result against
+    `model(...).logits`.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config.get_text_config()
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logit_scale", None)
+    if scale is None:
+        scale = getattr(cfg, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(cfg, "lm_head_multiplier", None)
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        scale = cfg.logits_scaling if cfg.model_type == "hyperclovax" else 1 / cfg.logits_scaling
+    return (1.0 if scale is None else float(scale)), (None if cap is None else float(cap))
+
+
+def head_logits(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    transform: tuple[float, float | None] = (1.0, None),
+) -> torch.Tensor:
+    """Output-layer logits in float32 whatever the model dtype: transform(h W^T + b), (..., d) -> (..., V).
+
+    `weight` (V, d) should already be float32 (cast it once); `transform` from `logit_transform`.
+    """
+    z = torch.nn.functional.linear(h.float(), weight.float(), None if bias is None else bias.float())
+    scale, cap = transform
+    if scale != 1.0:
+        z = z * scale
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    return z
+
+
+def dropout_sources(model: nn.Module) -> list[str]:
+    """Where the model drops out in train mode: `nn.Dropout` modules with p > 0 (LoRA dropout included) and a
+    config `attention_dropout` > 0 (Llama-family attention applies it functionally, not as a module)."""
+    found = [name for name, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    attn = getattr(cfg.get_text_config(), "attention_dropout", 0.0) if cfg is not None else 0.0
+    if isinstance(attn, int | float) and attn > 0:
+        found.append(f"config.attention_dropout={attn}")
+    return found

@@ -9,6 +9,7 @@ Output directory (written to a staging directory first and moved into place only
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -108,7 +109,9 @@ def grpo_args(cfg: RunConfig, output_dir: str, progress: bool) -> ArcaGRPOConfig
         save_strategy="no",
         report_to="none",
         disable_tqdm=not progress,
-        disable_dropout=False,  # keep the LoRA dropout the config asks for
+        # Dropout in the loss forward only with train_dropout (TRL's switch zeroes every nn.Dropout otherwise);
+        # sampling, the base pass, credit and the KL probe run without dropout either way (trainer item 7).
+        disable_dropout=not cfg.train_dropout,
     )
 
 
@@ -127,7 +130,9 @@ class StepRecorder(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "train_runtime" not in logs:
-            self.logs.append({"step": state.global_step, **{k: float(v) for k, v in logs.items()}})
+            # TRL logs a metric with nothing to average (all NaN) as None: keep it as NaN.
+            values = {k: math.nan if v is None else float(v) for k, v in logs.items()}
+            self.logs.append({"step": state.global_step, **values})
 
 
 def adapter_init_stats(model: torch.nn.Module) -> dict[str, dict[str, float]]:
@@ -197,6 +202,7 @@ def train(cfg: RunConfig, progress: bool = True) -> Path:
         ds = build_dataset(
             cfg, recorder.logs, trainer.last_batch, layers, _eval_vars(before, after), scalars, base_model
         )
+        ds.attrs["measurement_json"] = json.dumps(trainer.measurement_info())
         write_netcdf(ds, staging / "run.nc")
         _move_into_place(staging, out)
     except BaseException:

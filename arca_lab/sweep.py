@@ -65,7 +65,7 @@ attrs     title, sweep_json (the grid), run_configs_json ({run_id: config_json})
           (ISO time), failed_json ({run_id: error line}).
 
 Summary (`summary_table`): one row per finished grid point with the axis values and reward, KL(pi_base||pi)
-(`kl_kl_ref_policy_mean`, MERL's direction), KL(pi||pi_base), credit Gini and ETR, each the mean over the last
+(`kl_ref_policy_mean`, MERL's direction), KL(pi||pi_base), credit Gini and ETR, each the mean over the last
 `SUMMARY_LAST_STEPS` steps of the run, and greedy accuracy before -> after.
 
 Public API (re-exported here; modules: sweep_grid = grids, presets, cost model; sweep_exec = notebooks, kernel,

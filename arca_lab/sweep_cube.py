@@ -24,8 +24,8 @@ SUMMARY_LAST_STEPS = 3
 """Summary metrics are the mean over a run's last this-many steps (single steps are noisy at 16 prompts)."""
 SUMMARY_METRICS = {
     "reward": "reward",
-    "kl_base_pi": "kl_kl_ref_policy_mean",
-    "kl_pi_base": "kl_kl_policy_ref_mean",
+    "kl_base_pi": "kl_ref_policy_mean",
+    "kl_pi_base": "kl_policy_ref_mean",
     "gini": "credit_gini",
     "etr": "credit_etr",
 }

@@ -32,9 +32,20 @@ import torch
 from arca_lab.models import lm_head_module_name, lm_head_of  # noqa: F401  (re-exported for tests)
 
 ARCHITECTURES: tuple[str, ...] = ("qwen3", "llama", "gpt2", "biogpt", "bert")
+HEAD_TRANSFORM_ARCHITECTURES: tuple[str, ...] = ("gemma2", "granite")
+"""Stand-ins whose logits are a transform of the head output: Gemma-2 `final_logit_softcapping` (set to 1.0 here,
+so the tanh bends even the small logits of a random model) and Granite `logits_scaling` (8.0: logits / 8)."""
 TOKENIZER_KINDS: tuple[str, ...] = ("byte_level", "metaspace")
 EOS_TOKEN, PAD_TOKEN, UNK_TOKEN = "<|endoftext|>", "<|pad|>", "<|unk|>"
-_TIED_DEFAULT = {"qwen3": False, "llama": True, "gpt2": True, "biogpt": True, "bert": True}
+_TIED_DEFAULT = {
+    "qwen3": False,
+    "llama": True,
+    "gpt2": True,
+    "biogpt": True,
+    "bert": True,
+    "gemma2": True,
+    "granite": False,
+}
 
 _CORPUS = r"""
 Problem: What is the value of $x$ if $3x + 7 = 22$?
@@ -133,6 +144,23 @@ def _config(arch: str, vocab_size: int, eos: int, pad: int, tied: bool, hidden: 
             max_position_embeddings=positions,
             **common,
         )
+    if arch in HEAD_TRANSFORM_ARCHITECTURES:
+        from transformers import Gemma2Config, GraniteConfig
+
+        sizes = dict(
+            hidden_size=hidden,
+            intermediate_size=ffn,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 2,
+            head_dim=hidden // heads,
+            max_position_embeddings=positions,
+        )
+        if arch == "gemma2":
+            return Gemma2Config(
+                final_logit_softcapping=1.0, query_pre_attn_scalar=hidden // heads, **sizes, **common
+            )
+        return GraniteConfig(logits_scaling=8.0, **sizes, **common)
     if arch == "gpt2":
         return GPT2Config(
             n_embd=hidden, n_layer=layers, n_head=heads, n_inner=ffn, n_positions=positions, **common
@@ -178,8 +206,10 @@ def make_tiny_causal_lm(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHITECTURES}")
+    if arch not in ARCHITECTURES + HEAD_TRANSFORM_ARCHITECTURES:
+        raise ValueError(
+            f"unknown arch {arch!r}; choose one of {ARCHITECTURES + HEAD_TRANSFORM_ARCHITECTURES}"
+        )
     out = Path(out_dir)
     if vocab_from is not None:
         tokenizer = AutoTokenizer.from_pretrained(vocab_from)

@@ -15,14 +15,24 @@ How this departs from textbook GRPO (TRL 1.16 `GRPOTrainer`):
 5. LoRA on lm_head is trained. TRL's fused LM head multiplies by `lm_head.weight`, which for a peft layer is the
    frozen base weight; during our loss forward the fused head sees the merged, differentiable W0 + s B A instead.
 6. KL probe. Exact full-vocabulary per-token KL to the base in both directions (temperature 1), plus k1 / k3,
-   logged every step, at any beta. Free when the credit or beta already pays for the base pass; otherwise the
-   base pass runs on one completion per prompt group (`kl_probe_every`), which keeps the probe to a few % of a step.
+   logged every step, at any beta, always over the same rows: one completion per prompt group (`kl_probe_every`),
+   whatever the credit, so maxima compare across credits. The base pass covers all rows only when the credit or
+   beta needs them.
+7. Measured without dropout, in float32. Sampling, the base pass, the credit and the probe see the model with
+   every dropout off (submodules in eval mode); head logits for credit and probe are float32 from the hidden
+   states, with the model's own logit transform (softcap / scale), checked against `model(...).logits` on the
+   first batch. If the loss forward itself drops out (`disable_dropout=False` with dropout in the model, or an
+   attention dropout no module switch turns off), the credit and probe come from one extra no-grad forward per
+   micro-batch instead of the loss forward.
+8. Metrics per optimiser step. Credit, residual and KL statistics are pooled over all micro-batches of a step
+   (gradient accumulation) and summarised once, so a "max" is the max over the step's rows, not a mean of maxima.
 Sampling log-probabilities (from the rollout) and training log-probabilities (from the loss forward) stay separate:
 the probe and the credit only ever use the latter.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -36,21 +46,32 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from trl import GRPOConfig, GRPOTrainer
 
-from arca_lab.credit import CREDITS, LAYER_AGGREGATES, compute_credit_weights, token_advantages
+from arca_lab.credit import (
+    CREDITS,
+    LAYER_AGGREGATES,
+    compute_credit_weights,
+    fallback_rows,
+    token_advantages,
+)
 from arca_lab.diagnostics import summarize_credit
 from arca_lab.kl import KL_NAMES, kl_probe, summarize_kl
 from arca_lab.models import (
     backbone_of,
     base_head,
     decoder_layers,
+    dropout_sources,
     final_norm,
+    head_logits,
     lm_head_module_name,
     lm_head_of,
+    logit_transform,
 )
 
 _NEEDS_BASE = ("arca", "divergence")
 KL_PROBE_KEYS = (*KL_NAMES, "ref_logps")
 """Per-token outputs of `arca_lab.kl.kl_probe` that only exist where base states were computed."""
+_STEP_ONLY = ("head_input_norm", "base_head_input_norm")
+"""Per-micro-batch tensors used for the step's metrics but not kept in `last_batch` (run.nc)."""
 
 
 @dataclass
@@ -147,8 +168,16 @@ class ArcaGRPOTrainer(GRPOTrainer):
                 stacklevel=2,
             )
         self._final_norm = final_norm(policy)
+        self._transform = logit_transform(policy)  # softcap / logit scale, as TRL's fused head applies them
+        self._head_w32: torch.Tensor | None = (
+            None  # float32 copy of the frozen output weight, made on first use
+        )
+        self._head_checked = False
+        # After TRL's `disable_dropout`: whatever still drops out in train mode makes the loss forward noisy.
+        self.loss_dropout = dropout_sources(policy)
         self.last_batch: dict[str, torch.Tensor] | None = None
-        self.forward_counts = {"base": 0, "loss": 0}
+        self.forward_counts = {"base": 0, "loss": 0, "measure": 0}
+        self._step_parts: list[dict[str, torch.Tensor]] = []  # micro-batch tensors of the current step
 
     # --- rollout side --------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -156,7 +185,9 @@ class ArcaGRPOTrainer(GRPOTrainer):
         if self._needs_base:
             self.beta = 0.0  # TRL's own reference pass is replaced by the shared base pass below
         try:
-            out = super()._generate_and_score_completions(inputs)
+            # Sampling (and the base pass below) without dropout: the policy that samples is the deterministic one.
+            with _no_dropout(self.accelerator.unwrap_model(self.model)):
+                out = super()._generate_and_score_completions(inputs)
         finally:
             self.beta = beta
         # Kept separately: `advantages` becomes (B, T) at loss time and num_iterations > 1 reuses this dict.
@@ -164,9 +195,10 @@ class ArcaGRPOTrainer(GRPOTrainer):
         if self.token_roles is not None:
             out["token_roles"] = self._roles(out["completion_ids"], out["completion_mask"])  # (B, T)
         if self._needs_base:
-            out["probe_rows"] = self._probe_rows(out["completion_ids"].size(0))  # (B,) bool
+            B = out["completion_ids"].size(0)
+            out["probe_rows"], out["base_rows"] = self._probe_rows(B)  # (B,) bool each
             out["base_hidden"], layer_states = self._base_pass(
-                out, out["probe_rows"]
+                out, out["base_rows"]
             )  # (B, T, d), (B, L, T, d)
             if layer_states is not None:
                 out["base_layer_states"] = layer_states
@@ -183,15 +215,22 @@ class ArcaGRPOTrainer(GRPOTrainer):
             roles[i, :n] = torch.tensor(self.token_roles(ids[:n]), dtype=roles.dtype)
         return roles
 
-    def _probe_rows(self, B: int) -> torch.Tensor:
-        """Rows that get base states: all when a credit or beta needs them, else every k-th (probe only)."""
+    def _probe_rows(self, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probe_rows, base_rows), each (B,) bool.
+
+        probe_rows: every k-th completion (k = kl_probe_every, 0 -> num_generations: one per prompt group), the
+        sample every probe metric is taken over, the same for every credit and beta; none without the probe.
+        base_rows: rows that get base states, all when the credit or beta needs them, else the probe rows.
+        """
         cfg: ArcaGRPOConfig = self.args
-        rows = torch.ones(B, dtype=torch.bool, device=self.accelerator.device)
-        if cfg.credit not in _NEEDS_BASE and self.beta == 0.0:
-            k = cfg.kl_probe_every or self.num_generations
-            rows[:] = False
-            rows[::k] = True  # completions of one prompt are contiguous here (before TRL's shuffle)
-        return rows
+        device = self.accelerator.device
+        probe = torch.zeros(B, dtype=torch.bool, device=device)
+        if cfg.kl_probe:
+            probe[:: cfg.kl_probe_every or self.num_generations] = (
+                True  # groups are contiguous before TRL's shuffle
+            )
+        all_rows = cfg.credit in _NEEDS_BASE or self.beta != 0.0
+        return probe, (torch.ones_like(probe) if all_rows else probe.clone())
 
     @torch.no_grad()
     def _base_pass(
@@ -200,10 +239,10 @@ class ArcaGRPOTrainer(GRPOTrainer):
         """One backbone forward with the adapter disabled, on `rows`: base states at completion-predicting positions.
 
         Returns the input of lm_head (B, T, d) and, when arca_layers selects decoder layers, their outputs
-        (B, L, T, d); rows not in `rows` (default: `out["probe_rows"]`, else all) are NaN.
+        (B, L, T, d); rows not in `rows` (default: `out["base_rows"]`, else all) are NaN. Runs without dropout.
         """
         if rows is None:
-            rows = out.get("probe_rows", torch.ones(out["completion_ids"].size(0), dtype=torch.bool))
+            rows = out.get("base_rows", torch.ones(out["completion_ids"].size(0), dtype=torch.bool))
             rows = rows.to(out["completion_ids"].device)
         input_ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)[rows]  # (b, P + T)
         attention_mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)[rows]
@@ -211,7 +250,7 @@ class ArcaGRPOTrainer(GRPOTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         chunk = self.args.per_device_train_batch_size
         last, layers = [], []
-        with policy.disable_adapter():
+        with policy.disable_adapter(), _no_dropout(policy):
             for s in range(0, input_ids.size(0), chunk):
                 with self._capture(policy) as store:
                     self._backbone(
@@ -227,14 +266,37 @@ class ArcaGRPOTrainer(GRPOTrainer):
 
     def _ref_logps(self, h: torch.Tensor, completion_ids: torch.Tensor) -> torch.Tensor:
         # TRL's reference log-probs are at the sampling temperature (its fused head divides by it).
-        logits = self._base_head(h).float() / self.temperature  # (B, T, V)
+        logits = self._base_logits(h) / self.temperature  # (B, T, V)
         return logits.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+
+    def _base_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits of the frozen output layer with the model's logit transform. (..., d) -> (..., V)"""
+        if self._head_w32 is None:
+            self._head_w32 = self._base_head.weight.detach().float()  # frozen: cast once
+        return head_logits(h, self._head_w32, self._base_head.bias, self._transform)
+
+    def _policy_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits of the adapted output layer (W0 + sBA when lm_head carries LoRA). (..., d) -> (..., V)"""
+        if not isinstance(self._head, LoraLayer):
+            return self._base_logits(h)
+        self._base_logits(h[..., :0, :])  # makes sure the float32 base weight exists
+        delta = _MergedHeadView(self._head).delta()
+        w = self._head_w32 if delta is None else self._head_w32 + delta.detach().float()  # sum in float32
+        return head_logits(h, w, self._base_head.bias, self._transform)
 
     # --- loss side -------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg: ArcaGRPOConfig = self.args
         inputs["advantages"] = inputs["seq_advantages"]
         if cfg.credit == "uniform" and not cfg.kl_probe:
+            with self._merged_head(model):
+                self.forward_counts["loss"] += 1
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not self._head_checked:
+            self._check_head(inputs)
+        if self.loss_dropout and model.training:
+            # The loss forward drops out: measure credit and probe on a separate forward without dropout.
+            inputs["advantages"] = self._token_advantages(inputs, self._measure_forward(inputs))
             with self._merged_head(model):
                 self.forward_counts["loss"] += 1
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -252,6 +314,44 @@ class ArcaGRPOTrainer(GRPOTrainer):
         return loss
 
     @torch.no_grad()
+    def _measure_forward(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """One no-grad backbone forward of the adapted policy without dropout; returns the hook store."""
+        policy = self.accelerator.unwrap_model(self.model)
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)  # (B, P + T)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        with _no_dropout(policy), self._capture(policy, branches=True) as store:
+            self._backbone(input_ids=input_ids, attention_mask=attention_mask)
+        self.forward_counts["measure"] += 1
+        return store
+
+    @torch.no_grad()
+    def _check_head(self, inputs: dict[str, Any]) -> None:
+        """First batch: the credit/probe path's logits must equal the model's own `model(...).logits`.
+
+        Catches an output transform the path does not know (a softcap, a logit scale, a head that is not a
+        plain linear map of the backbone output). Tolerance: 8 ulp of the model dtype (at least 1e-5) times
+        (1 + max |logit|).
+        """
+        policy = self.accelerator.unwrap_model(self.model)
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)[:1]  # (1, P + T)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)[:1]
+        with _no_dropout(policy), self._capture(policy) as store:
+            want = policy(input_ids=input_ids, attention_mask=attention_mask).logits  # (1, P + T, V)
+        got = self._policy_logits(store["last"])  # (1, P + T, V) float32
+        valid = attention_mask.bool()  # (1, P + T)
+        want32 = want.float()[valid]
+        err = float((got[valid] - want32).abs().max())
+        tol = max(8 * torch.finfo(want.dtype).eps, 1e-5) * (1 + float(want32.abs().max()))
+        if not err <= tol:  # NaN fails too
+            raise RuntimeError(
+                f"the credit/KL-probe logits differ from {type(policy).__name__}(...).logits by {err:.3g} "
+                f"(tolerance {tol:.3g}): this architecture transforms its head output in a way arca-lab does not "
+                "reproduce (see arca_lab.models.logit_transform); train with credit='uniform' and kl_probe=False, "
+                "or add the transform there"
+            )
+        self._head_checked = True
+
+    @torch.no_grad()
     def _token_advantages(self, inputs: dict[str, Any], store: dict[str, Any]) -> torch.Tensor:
         cfg: ArcaGRPOConfig = self.args
         ids, mask = inputs["completion_ids"], inputs["completion_mask"]  # (B, T)
@@ -263,8 +363,10 @@ class ArcaGRPOTrainer(GRPOTrainer):
             h_base = None if h_base is None else h_base.transpose(0, 1)
         else:
             h_adapted, h_base = h_last, h_base_last
-        probe_rows = inputs.get("probe_rows", torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device))
-        probe = self._head_stats(h_last, h_base_last, ids, mask, probe_rows)
+        no_rows = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
+        base_rows = inputs.get("base_rows", no_rows)
+        probe_rows = inputs.get("probe_rows", no_rows)
+        stats = self._head_stats(h_last, h_base_last, ids, mask, base_rows)
         branch = None
         if self._branches:
             branch = torch.stack([b[:, -T - 1 : -1] for b in store["branches"]])  # (L, B, T)
@@ -275,9 +377,9 @@ class ArcaGRPOTrainer(GRPOTrainer):
         weights, scores = compute_credit_weights(
             cfg.credit,
             completion_mask=mask,
-            per_token_logps=probe["policy_logps"],
-            entropies=probe["policy_entropy"],
-            ref_per_token_logps=probe.get("ref_logps"),
+            per_token_logps=stats["policy_logps"],
+            entropies=stats["policy_entropy"],
+            ref_per_token_logps=stats.get("ref_logps"),
             h_adapted=h_adapted,
             h_base=h_base,
             branch_norms=branch,
@@ -286,44 +388,69 @@ class ArcaGRPOTrainer(GRPOTrainer):
             eps=cfg.credit_eps,
         )
         advantages = token_advantages(inputs["seq_advantages"], weights, mask)  # (B, T)
-        self._log_step(inputs, probe, weights, scores, h_last, h_base_last, mask)
-        self.last_batch = {
+        fallback = (
+            fallback_rows(scores, mask, cfg.sharpening, cfg.credit_eps)
+            if cfg.credit != "uniform"
+            else torch.zeros_like(probe_rows)
+        )  # (B,)
+        # Probe tensors only on the probe rows (NaN elsewhere): the same sample for every credit.
+        probe = {
+            k: torch.where(probe_rows[:, None], v, torch.nan) for k, v in stats.items() if k in KL_PROBE_KEYS
+        }
+        residual = torch.full_like(stats["policy_logps"], torch.nan)  # (B, T): ARCA alpha_t at the last layer
+        base_norm = torch.full_like(residual, torch.nan)
+        if h_base_last is not None:
+            residual = (h_last.float() - h_base_last.float()).norm(dim=-1)
+            base_norm = h_base_last.float().norm(dim=-1)
+        part = {
             "completion_ids": ids,
             "completion_mask": mask,
             "weights": weights,
             "scores": scores,
+            "credit_fallback": fallback,
+            "probe_rows": probe_rows,
             "advantages": inputs["seq_advantages"],
             "token_advantages": advantages,
+            "head_input_norm": h_last.float().norm(dim=-1),  # (B, T)
+            "residual": torch.where(probe_rows[:, None], residual, torch.nan),
+            "base_head_input_norm": torch.where(probe_rows[:, None], base_norm, torch.nan),
             **({"token_roles": inputs["token_roles"]} if "token_roles" in inputs else {}),
-            **{k: v for k, v in probe.items()},
+            "policy_logps": stats["policy_logps"],
+            "policy_entropy": stats["policy_entropy"],
+            **probe,
         }
-        self.last_batch = {k: v.detach().float().cpu() for k, v in self.last_batch.items()}
+        part = {k: v.detach().float().cpu() for k, v in part.items()}
+        self.last_batch = {k: v for k, v in part.items() if k not in _STEP_ONLY}
+        self._step_parts.append(part)
+        if not self.model.training:  # evaluation: no optimiser step to wait for
+            self._flush_step_metrics("eval")
         return advantages
 
-    def _head_stats(self, h, h_base, completion_ids, completion_mask, probe_rows) -> dict[str, torch.Tensor]:
-        """Adapted-head log-probs and entropy on every row; the KL probe against the base on `probe_rows`.
+    def _head_stats(self, h, h_base, completion_ids, completion_mask, base_rows) -> dict[str, torch.Tensor]:
+        """Adapted-head log-probs and entropy on every row; the KL probe against the base on `base_rows`.
 
-        All at temperature 1. Chunked over rows so that (rows, T, V) logits stay below ~256 MB for large
-        vocabularies. Probe tensors are NaN on rows without base states.
+        All at temperature 1, float32 logits with the model's logit transform. Chunked over rows so that
+        (rows, T, V) logits stay below ~256 MB for large vocabularies. Probe tensors are NaN on rows without
+        base states.
         """
         V = self._base_head.weight.size(0)
         chunk = max(1, int(2**26 // max(1, h.size(1) * V)))
-        probing = h_base is not None and bool(probe_rows.any())
+        # Rows without base states get NaN, so every micro-batch has the same keys.
+        probing = h_base is not None
         parts: list[dict[str, torch.Tensor]] = []
         for s in range(0, h.size(0), chunk):
             sl = slice(s, s + chunk)
-            # One projection per row: the adapted head if lm_head carries LoRA.
-            policy_logits = self._head(h[sl]).float()  # (b, T, V)
+            policy_logits = self._policy_logits(h[sl])  # (b, T, V) float32, one projection per row
             logp = policy_logits.log_softmax(-1)
             part = {
                 "policy_logps": logp.gather(-1, completion_ids[sl].unsqueeze(-1)).squeeze(-1),  # (b, T)
                 "policy_entropy": -(logp.exp() * logp).sum(-1),
             }
             if probing:
-                rows = probe_rows[sl]  # (b,)
+                rows = base_rows[sl]  # (b,)
                 probed: dict[str, torch.Tensor] = {}
                 if rows.any():
-                    ref_logits = self._base_head(h_base[sl][rows]).float()
+                    ref_logits = self._base_logits(h_base[sl][rows])
                     probed = kl_probe(
                         policy_logits[rows], ref_logits, completion_ids[sl][rows], completion_mask[sl][rows]
                     )
@@ -335,22 +462,52 @@ class ArcaGRPOTrainer(GRPOTrainer):
             parts.append(part)
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-    def _log_step(self, inputs, probe, weights, scores, h_last, h_base_last, mask) -> None:
-        metrics = self._metrics["train" if self.model.training else "eval"]
-        summary = summarize_credit(weights, mask, roles=inputs.get("token_roles"), raw_scores=scores)
-        for k, v in summary.items():
-            metrics[f"credit/{k}"].append(v)
-        valid = mask.bool()
-        metrics["head_input/max_norm"].append(h_last.float().norm(dim=-1)[valid].max().item())
-        if h_base_last is not None and "probe_rows" in inputs:
-            probed = valid & inputs["probe_rows"][:, None]  # (B, T)
-            residual = (h_last.float() - h_base_last.float()).norm(dim=-1)[probed]  # ARCA alpha_t, last layer
-            metrics["residual/mean"].append(residual.mean().item())
-            metrics["residual/max"].append(residual.max().item())
-            metrics["head_input/base_max_norm"].append(h_base_last.float().norm(dim=-1)[probed].max().item())
-            rows = inputs["probe_rows"]
-            for k, v in summarize_kl({n: t[rows] for n, t in probe.items()}, mask[rows]).items():
-                metrics[k].append(v)
+    def measurement_info(self) -> dict[str, Any]:
+        """How the logged credit and probe numbers were taken (run.nc attrs `measurement_json`)."""
+        cfg: ArcaGRPOConfig = self.args
+        scale, cap = self._transform
+        return {
+            "dropout": "off: sampling, base pass, credit and probe run with every submodule in eval mode",
+            "loss_forward_dropout": self.loss_dropout,
+            "credit_and_probe_forward": "separate no-grad forward"
+            if self.loss_dropout
+            else "the loss forward",
+            "logits_dtype": "float32 (from hidden states in the model dtype)",
+            "logit_transform": {"logit_scale": scale, "final_logit_softcapping": cap},
+            "probe_rows": f"every {cfg.kl_probe_every or self.num_generations}-th completion"
+            if cfg.kl_probe
+            else "none",
+            "probe_temperature": 1.0,
+            "sequence_kl_estimates": self._samples_from_policy(),
+        }
+
+    # --- per-step metrics --------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._step % self.current_gradient_accumulation_steps == 0:  # TRL counts micro-batches in _step
+            self._flush_step_metrics("train")
+        return loss
+
+    def _flush_step_metrics(self, mode: str) -> None:
+        """Summarise the micro-batches of one optimiser step together and log each metric once."""
+        parts, self._step_parts = self._step_parts, []
+        if not parts:
+            return
+        metrics = self._metrics[mode]
+        for k, v in step_metrics(parts, self._samples_from_policy()).items():
+            metrics[k].append(v)
+
+    def _samples_from_policy(self) -> bool:
+        """Whether completions are samples of π_θ itself (temperature 1, no truncation): sequence KL estimates
+        are unbiased only then."""
+        a = self.args
+        return (
+            self.temperature == 1.0
+            and a.top_p == 1.0
+            and not a.top_k
+            and a.min_p is None
+            and a.repetition_penalty == 1.0
+        )
 
     # --- hooks -----------------------------------------------------------------------------------------
     def _arca_layer_modules(self, policy: nn.Module) -> list[nn.Module]:
@@ -430,6 +587,63 @@ class ArcaGRPOTrainer(GRPOTrainer):
             del base.get_output_embeddings
 
 
+def step_metrics(parts: list[dict[str, torch.Tensor]], sequence_estimates: bool = True) -> dict[str, float]:
+    """Metrics of one optimiser step from its micro-batches' tensors (rows pooled, then summarised once).
+
+    - credit/*: `summarize_credit` over every row of the step (gini, etr, effn, tokens, role_mass/*, score/*,
+      fallback_fraction);
+    - head_input/max_norm: max ||x_t|| over valid tokens of every row (x = input of lm_head, adapted policy);
+    - on the probe rows only (one completion per prompt group; absent without the probe): residual/{mean,max}
+      (||h_adapted - h_base|| of the last layer over valid tokens), head_input/base_max_norm, and the KL
+      summaries of `arca_lab.kl.summarize_kl` (kl/{policy_ref,ref_policy,k1,k3}/{mean,max,seq_mean}).
+    Empty selections give NaN, never an error.
+    """
+    b = {k: _cat_rows([p[k] for p in parts]) for k in parts[0]}
+    mask = b["completion_mask"].bool()  # (B, T)
+    credit = summarize_credit(
+        b["weights"], mask, roles=b.get("token_roles"), raw_scores=b["scores"], fallback=b["credit_fallback"]
+    )
+    out = {f"credit/{k}": v for k, v in credit.items()}
+    out["head_input/max_norm"] = _masked_max(b["head_input_norm"], mask)
+    rows = b["probe_rows"].bool()  # (B,)
+    if rows.any() and "kl_policy_ref" in b:
+        pm = mask[rows]  # (b, T)
+        res = b["residual"][rows][pm]
+        out["residual/mean"] = float(res.mean()) if res.numel() else math.nan
+        out["residual/max"] = _masked_max(b["residual"][rows], pm)
+        out["head_input/base_max_norm"] = _masked_max(b["base_head_input_norm"][rows], pm)
+        probe = {k: b[k][rows] for k in (*KL_PROBE_KEYS, "policy_logps")}
+        out.update(summarize_kl(probe, pm, sequence_estimates=sequence_estimates))
+    return out
+
+
+def _masked_max(x: torch.Tensor, mask: torch.Tensor) -> float:
+    vals = x[mask]
+    return float(vals.max()) if vals.numel() else math.nan
+
+
+def _cat_rows(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate (b, ...) tensors along rows, zero-padding the token dim of (b, T) tensors to the longest."""
+    if xs[0].dim() < 2:
+        return torch.cat(xs)
+    T = max(x.size(1) for x in xs)
+    return torch.cat([torch.nn.functional.pad(x, (0, T - x.size(1))) for x in xs])
+
+
+@contextmanager
+def _no_dropout(model: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode (all dropout off: nn.Dropout and functional attention dropout), the root
+    left as it is, because TRL routes its metrics by `model.training`."""
+    switched = [m for m in model.modules() if m is not model and m.training]
+    for m in switched:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.training = True
+
+
 @contextmanager
 def _head_adapter_hidden(model: nn.Module) -> Iterator[None]:
     """While TRL's __init__ runs, `get_output_embeddings` returns the base layer, so its lm_head check passes."""
@@ -461,13 +675,18 @@ class _MergedHeadView:
 
     @property
     def weight(self) -> torch.Tensor:
+        delta = self.delta()
         w = self.layer.base_layer.weight
+        return w if delta is None else w + delta  # differentiable in lora_A / lora_B
+
+    def delta(self) -> torch.Tensor | None:
+        """Σ s B A over the active adapters (V, d), or None when adapters are disabled or absent."""
         if self.layer.disable_adapters:
-            return w
-        for name in self.layer.active_adapters:
-            if name in self.layer.lora_A:
-                w = w + self.layer.get_delta_weight(name)  # differentiable in lora_A / lora_B
-        return w
+            return None
+        deltas = [
+            self.layer.get_delta_weight(n) for n in self.layer.active_adapters if n in self.layer.lora_A
+        ]
+        return sum(deltas[1:], deltas[0]) if deltas else None
 
     @property
     def bias(self) -> torch.Tensor | None:

@@ -255,3 +255,33 @@ def test_outputs_are_float32_detached_and_masked():
     assert not w.requires_grad and not s.requires_grad
     assert float(s[0, 3]) == 0.0 and float(w[0, 3]) == 0.0  # log 0 = −inf on padding does not leak
     assert close(w.sum(-1), [1.0])
+
+
+def test_normalize_in_log_space_large_powers():
+    """alpha = 20, p = 30: 20^30 overflows float32 (NaN weights before); in log space the weights are finite and
+    equal the hand value w_t = a_t^p / sum a^p computed as exp(p log a_t - logsumexp)."""
+    scores = torch.tensor([[20.0, 10.0, 19.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    w = normalize_scores(scores, mask, sharpening=30.0)
+    logs = 30.0 * torch.log(torch.tensor([20.0, 10.0, 19.0], dtype=torch.float64) + 1e-8)
+    hand = torch.exp(logs - torch.logsumexp(logs, 0))  # (0.8232..., 1.8e-9, 0.1768...)
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w[0, :3].double(), hand, atol=1e-7, rtol=1e-6)
+    assert float(w[0, 3]) == 0.0
+
+
+def test_fallback_rows_break_scale_invariance_as_documented():
+    """The eps guard: scores x1e-6 fall back to uniform, x1e-5 do not (max/min weight ratio ~ 100)."""
+    from arca_lab.credit import fallback_rows
+
+    base = torch.tensor([[1.0, 10.0, 3.0, 2.0]])
+    mask = torch.ones_like(base)
+    small, larger = base * 1e-6, base * 1e-5
+    # hand check of the guard: sum (a + 1e-8)^2 = 1.14e-10 <= 1e-8 for x1e-6; 1.14e-8 > 1e-8 for x1e-5
+    assert bool(fallback_rows(small, mask, sharpening=2.0)) and not bool(
+        fallback_rows(larger, mask, sharpening=2.0)
+    )
+    w_small = normalize_scores(small, mask, sharpening=2.0)
+    w_larger = normalize_scores(larger, mask, sharpening=2.0)
+    assert torch.equal(w_small, torch.full_like(w_small, 0.25))
+    assert float(w_larger.max() / w_larger.min()) == pytest.approx(99.8, rel=1e-2)

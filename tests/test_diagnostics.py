@@ -106,3 +106,16 @@ def test_gini_is_vectorised_over_rows_random_check():
         n = len(v)
         ref = sum((2 * (k + 1) - n - 1) * x for k, x in enumerate(v)) / (n * sum(v))
         assert float(G[i]) == pytest.approx(ref, abs=1e-6)
+
+
+def test_gini_of_uniform_weights_is_exactly_zero():
+    """1/T weights (any T) give exactly 0 (logged 5e-9 and -2e-10 before), and Gini is never negative."""
+    for T in (3, 7, 24, 37, 113):
+        mask = torch.ones(1, T)
+        w = torch.full((1, T), 1.0 / T)
+        assert float(gini(w, mask)) == 0.0, T
+    g = torch.Generator().manual_seed(0)
+    near = 1.0 + 1e-7 * torch.rand(64, 50, generator=g)  # nearly uniform rows
+    assert (gini(near / near.sum(-1, keepdim=True), torch.ones(64, 50)) >= 0).all()
+    summary = summarize_credit(torch.full((4, 9), 1 / 9), torch.ones(4, 9))
+    assert summary["gini"] == 0.0

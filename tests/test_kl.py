@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from arca_lab.kl import k1_k3, kl_probe, summarize_kl, token_kl
+from arca_lab.kl import k1_k3, kl_probe, prefix_weights, summarize_kl, token_kl
 
 
 def close(a, b, tol=1e-6):
@@ -137,13 +137,23 @@ def test_kl_probe_components():
 def test_summarize_kl_hand():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
     x = torch.tensor([[0.1, 0.3, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    probe = {"kl_policy_ref": x, "kl_ref_policy": 2 * x, "k1": -x, "k3": x.square()}
+    lp = torch.zeros_like(x)
+    probe = {
+        "kl_policy_ref": x,
+        "kl_ref_policy": 2 * x,
+        "k1": -x,
+        "k3": x.square(),
+        "policy_logps": lp,
+        "ref_logps": lp,
+    }
     s = summarize_kl(probe, mask)
     # valid values [0.1, 0.3, 0.5]: mean 0.3, max 0.5; per-sequence sums [0.4, 0.5] (empty row excluded)
-    assert s["kl/kl_policy_ref/mean"] == pytest.approx(0.3)
-    assert s["kl/kl_policy_ref/max"] == pytest.approx(0.5)
-    assert s["kl/kl_policy_ref/seq_mean"] == pytest.approx(0.45)
-    assert s["kl/kl_ref_policy/seq_mean"] == pytest.approx(0.9)
+    assert s["kl/policy_ref/mean"] == pytest.approx(0.3)
+    assert s["kl/policy_ref/max"] == pytest.approx(0.5)
+    assert s["kl/policy_ref/seq_mean"] == pytest.approx(0.45)
+    # ref_policy is importance-weighted by the prefix ratio rho_<t = exp(sum_{s<t} (ref - pol)); with equal
+    # log-probs here rho = 1, so it is the plain per-sequence sum of 2x: (0.8 + 1.0) / 2
+    assert s["kl/ref_policy/seq_mean"] == pytest.approx(0.9)
     assert s["kl/k1/max"] == pytest.approx(-0.1)
     assert s["kl/k3/mean"] == pytest.approx((0.01 + 0.09 + 0.25) / 3)
     assert len(s) == 12 and all(isinstance(v, float) for v in s.values())
@@ -160,3 +170,43 @@ def test_shape_errors():
         )
     with pytest.raises(ValueError, match="completion_ids"):
         kl_probe(torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), torch.tensor([[3]]), torch.ones(1, 1))
+
+
+def _two_step_toy():
+    """Two tokens, vocabulary {0, 1}: every completion y = (y1, y2) with its exact probability under each model.
+
+    pi_theta(y1) = (0.8, 0.2), pi_theta(y2 | y1) = (0.9, 0.1) after 0 and (0.3, 0.7) after 1;
+    pi_ref(y1) = (0.3, 0.7),  pi_ref(y2 | y1) = (0.5, 0.5) after 0 and (0.05, 0.95) after 1.
+    """
+    pol1, ref1 = torch.tensor([0.8, 0.2]), torch.tensor([0.3, 0.7])
+    pol2 = torch.tensor([[0.9, 0.1], [0.3, 0.7]])  # row: y1
+    ref2 = torch.tensor([[0.5, 0.5], [0.05, 0.95]])
+    ids = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]])  # (B=4, T=2): all completions
+    pol_logits = torch.stack([torch.stack([pol1, pol2[y1]]) for y1 in ids[:, 0]]).log()  # (4, 2, 2)
+    ref_logits = torch.stack([torch.stack([ref1, ref2[y1]]) for y1 in ids[:, 0]]).log()
+    p_pol = torch.tensor([pol1[a] * pol2[a, b] for a, b in ids.tolist()], dtype=torch.float64)  # (4,)
+    p_ref = torch.tensor([ref1[a] * ref2[a, b] for a, b in ids.tolist()], dtype=torch.float64)
+    return pol_logits, ref_logits, ids, p_pol, p_ref
+
+
+def test_sequence_kl_ref_policy_is_importance_weighted():
+    """E_{y~pi_theta}[seq estimate] equals the exact sequence KL(pi_ref || pi_theta) on a 2-step toy; the
+    unweighted sum of per-token KL(pi_ref || pi_theta) (what was logged before) does not."""
+    pol_logits, ref_logits, ids, p_pol, p_ref = _two_step_toy()
+    mask = torch.ones_like(ids)
+    probe = kl_probe(pol_logits, ref_logits, ids, mask)
+    exact_rp = float((p_ref * (p_ref / p_pol).log()).sum())  # sum_y pi_ref(y) log(pi_ref(y) / pi_theta(y))
+    exact_pr = float((p_pol * (p_pol / p_ref).log()).sum())
+    rho = prefix_weights(probe["policy_logps"], probe["ref_logps"], mask)  # (4, 2)
+    # hand computation of rho_<2 for y1 = 0: pi_ref(0) / pi_theta(0) = 0.3 / 0.8
+    assert float(rho[0, 1]) == pytest.approx(0.3 / 0.8, rel=1e-6) and float(rho[0, 0]) == 1.0
+    per_seq = (rho * probe["kl_ref_policy"].double()).sum(-1)  # (4,)
+    assert float((p_pol * per_seq).sum()) == pytest.approx(exact_rp, rel=1e-5)
+    unweighted = float((p_pol * probe["kl_ref_policy"].double().sum(-1)).sum())
+    assert abs(unweighted - exact_rp) > 0.1  # the old estimate is biased here: 0.57 vs 0.83-like gap
+    pr = float((p_pol * probe["kl_policy_ref"].double().sum(-1)).sum())
+    assert pr == pytest.approx(exact_pr, rel=1e-5)  # the forward direction needs no weights
+    # summarize_kl's seq_mean is the row mean of the same per-sequence estimates
+    s = summarize_kl(probe, mask)
+    assert s["kl/ref_policy/seq_mean"] == pytest.approx(float(per_seq.mean()), rel=1e-6)
+    assert math.isnan(summarize_kl(probe, mask, sequence_estimates=False)["kl/ref_policy/seq_mean"])

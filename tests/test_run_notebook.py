@@ -80,7 +80,7 @@ def test_notebook_runs_with_tiny_parameters(tiny_model_dir, tmp_path):
 
     ds = load_run(out)
     assert ds.sizes["step"] == 2 and ds["rank"].item() == 2 and ds["credit"].item() == "arca"
-    for name in ("reward", "kl_kl_ref_policy_mean", "kl_kl_policy_ref_mean", "credit_gini", "credit_etr"):
+    for name in ("reward", "kl_ref_policy_mean", "kl_policy_ref_mean", "credit_gini", "credit_etr"):
         assert ds[name].dims == ("step",), name
     assert ds["weights"].dims == ("sample", "token") and ds["a0_fro"].dims == ("layer",)
     assert json.loads(ds.attrs["config_json"]) == json.loads(cfg.to_json())

@@ -73,11 +73,17 @@ def test_uniform_credit_is_plain_grpo(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("target_modules", ["all-linear", "lm_head"])
 def test_kl_probe_matches_a_merged_copy(tiny_model_dir, tmp_path, target_modules):
     trainer, rows = make_trainer(
-        tiny_model_dir, tmp_path, credit="arca", perturb_b=0.3, target_modules=target_modules
+        tiny_model_dir,
+        tmp_path,
+        credit="arca",
+        perturb_b=0.3,
+        target_modules=target_modules,
+        kl_probe_every=1,
     )
     inputs = one_batch(trainer, rows)
     trainer.compute_loss(trainer.model, inputs)
     probe = trainer.last_batch
+    assert probe["probe_rows"].all()  # kl_probe_every=1: every row is probed
     merged = copy.deepcopy(trainer.model).merge_and_unload()
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     mask = inputs["completion_mask"].bool()
@@ -165,10 +171,12 @@ class _ForwardCounter:
     ],
 )
 def test_forward_passes_per_step(tiny_model_dir, tmp_path, monkeypatch, credit, kl_probe, beta, expected):
-    trainer, _ = make_trainer(tiny_model_dir, tmp_path, credit=credit, kl_probe=kl_probe, beta=beta, steps=1)
+    trainer, _ = make_trainer(tiny_model_dir, tmp_path, credit=credit, kl_probe=kl_probe, beta=beta, steps=2)
     counter = _ForwardCounter(trainer, monkeypatch)
     trainer.train()
-    assert counter.count == expected
+    # + one 1-row forward on the first batch: the head self-check, whenever credit or probe read the head
+    check = credit != "uniform" or kl_probe
+    assert counter.count == 2 * expected + check
 
 
 def test_plain_trl_with_beta_makes_two_forwards(tiny_model_dir, tmp_path, monkeypatch):
@@ -263,7 +271,7 @@ def test_arca_on_all_layers_shares_the_base_pass(tiny_model_dir, tmp_path, monke
         inputs = one_batch(trainer, rows)
         trainer.compute_loss(trainer.model, inputs)
         weights[layers] = trainer.last_batch["weights"]
-        assert trainer.forward_counts == {"base": 1, "loss": 1}
+        assert trainer.forward_counts == {"base": 1, "loss": 1, "measure": 0}
     mask = trainer.last_batch["completion_mask"].bool()
     assert not torch.allclose(weights["last"][mask], weights["all"][mask], atol=1e-4)
 
