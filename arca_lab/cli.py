@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -136,7 +135,10 @@ def _eval(args: argparse.Namespace) -> int:
     adapted = evaluate(
         PeftModel.from_pretrained(model, args.run_dir / "adapter"), tokenizer, task, rows, **kw
     )
-    print(json.dumps({"prompts": len(rows), "config": json.loads(cfg.to_json())}, indent=None)[:200] + " ...")
+    print(
+        f"{args.run_dir}: model {cfg.model}, task {cfg.task}, credit {cfg.credit}, rank {cfg.rank}, "
+        f"seed {cfg.seed}; {len(rows)} held-out prompts (full config: {config_path})"
+    )
     print(f"{'':14}{'base':>8}{'adapter':>9}")
     print(f"{'greedy acc':14}{base.greedy_accuracy:8.3f}{adapted.greedy_accuracy:9.3f}")
     print(f"{f'pass@{cfg.pass_k}':14}{base.pass_at_k:8.3f}{adapted.pass_at_k:9.3f}")

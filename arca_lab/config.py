@@ -25,6 +25,8 @@ HF_LR_SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cos
 """RunConfig.lr_schedule -> HF `lr_scheduler_type` (constant honours warm-up); also theory's schedule names."""
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 LAYER_AGGREGATES = ("mean", "max", "sum", "rms")
+TASK_PROMPT_LENGTHS = {"arith": 64, "math": 512}
+"""RunConfig.max_prompt_length = 0 resolves to this per-task default (MATH problems run to a few hundred tokens)."""
 
 
 @dataclass
@@ -73,8 +75,8 @@ class RunConfig:
     """Sampling temperature (TRL divides the training logits by it too)."""
     top_p: float = 1.0
     """Nucleus sampling threshold."""
-    max_prompt_length: int = 64
-    """Prompts longer than this many tokens are rejected by the task loader."""
+    max_prompt_length: int = 0
+    """Prompts longer than this many tokens are refused; 0 means the task's default (arith 64, math 512)."""
     max_completion_length: int = 40
     """Maximum new tokens per completion."""
     beta: float = 0.0
@@ -154,6 +156,8 @@ class RunConfig:
             raise bad("adam_beta2", self.adam_beta2, "need adam_beta1**2 < adam_beta2 < 1")
         if self.num_generations < 2:
             raise bad("num_generations", self.num_generations, "GRPO needs >= 2 completions per prompt")
+        if self.max_prompt_length == 0:
+            self.max_prompt_length = TASK_PROMPT_LENGTHS.get(self.task, 512)
         for name in ("steps", "prompts_per_step", "grad_accum", "max_completion_length", "max_prompt_length"):
             if getattr(self, name) < 1:
                 raise bad(name, getattr(self, name), "use a positive integer")

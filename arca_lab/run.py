@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ from arca_lab.results import base_model_info, build_dataset, write_netcdf
 from arca_lab.tasks import get_task
 from arca_lab.tasks.base import Task
 from arca_lab.trainer import ArcaGRPOConfig, ArcaGRPOTrainer
+
+# transformers 5.23 deprecates `is_gradient_checkpointing`, which its own Trainer still calls on every run.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 EVAL_SEED = 0
 """Held-out rows are the same for every run seed, so before/after accuracies pair across runs."""
@@ -157,9 +161,9 @@ def train(cfg: RunConfig, progress: bool = True) -> Path:
     check_output_dir(out, cfg.overwrite)
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     transformers.set_seed(cfg.seed)
+    task = load_task(cfg)  # first: a missing data file is reported before the model loads
     model, tokenizer = load_policy(cfg)
     base_model = base_model_info(model.config._name_or_path)  # before peft wraps the model
-    task = load_task(cfg)
     train_rows = _fit_prompts(
         task.train_rows(cfg.steps * cfg.prompts_per_step, seed=cfg.seed), tokenizer, cfg
     )
