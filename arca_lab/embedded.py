@@ -23,6 +23,7 @@ import os
 import platform
 import random
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -300,9 +301,7 @@ def build_embedded(out_dir: str | Path, seed: int = 0, spec: EmbeddedSpec | None
                 continue
             stop_acc = generation_accuracy(model, tokenizer, task, stop_rows)
             history.append([step, stop_acc])
-            logger.info(
-                "embedded SFT step %d: loss %.4f, greedy held-out accuracy %.3f", step, loss.item(), stop_acc
-            )
+            _say(f"  SFT step {step:4d}: loss {loss.item():.4f}, greedy held-out accuracy {stop_acc:.3f}")
             if stop_acc >= spec.stop_accuracy:
                 if stop_acc <= spec.rewalk_above or every == spec.fine_eval_every:
                     break
@@ -353,6 +352,12 @@ def build_embedded(out_dir: str | Path, seed: int = 0, spec: EmbeddedSpec | None
     return info
 
 
+def _say(line: str) -> None:
+    """Build progress on stderr (a minute of silence reads as a hang); also to the module logger."""
+    logger.info(line)
+    print(line, file=sys.stderr, flush=True)
+
+
 # --------------------------------------------------------------------------------------------------- cache
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """`cache_dir` if given, else ``$ARCA_LAB_CACHE``, else `platformdirs.user_cache_dir("arca-lab")`."""
@@ -388,9 +393,14 @@ def embedded_model_dir(
             shutil.rmtree(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache entry should read like any other directory
+        _say(f"arca-lab: building the embedded default model once (about a minute; cached in {final})")
         try:
-            build_embedded(tmp, seed=seed, spec=spec)
+            info = build_embedded(tmp, seed=seed, spec=spec)
             os.replace(tmp, final)
+            _say(
+                f"arca-lab: embedded model built in {info['build_seconds']:.0f} s, greedy accuracy "
+                f"{info['final_accuracy']:.3f} on {info['final_eval_rows']} held-out prompts"
+            )
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
