@@ -5,7 +5,8 @@ Every function returns a pandas DataFrame with one row per grid point (or per gr
 plots, so `notebooks/rank_sweep_analysis.ipynb` only draws what these functions computed.
 
 Sources:
-- KL bounds: `arca_lab.verify` (theory/aposteriori.md P2–P4, theory/apriori.md A6/A7).
+- KL bounds: `arca_lab.verify` (theory/aposteriori.md P2–P4, theory/apriori.md A6/A7); its "lemma" rows (the
+  per-token K(range(z_t)/τ) from the measured shift itself, ‖x_t‖ ≤ R) are kept apart from the bounds verified.
 - Rank exponent γ in E[KL] ∝ r^γ: `theory.rank_scaling.predict_gamma` (prediction, measure "mean": the mean
   KL over contexts, theory/rank_scaling.md §3.4, §6) and `fit_gamma` (least-squares slope of log mean-over-seeds
   KL on log r, seed-bootstrap percentile CI, §8).
@@ -307,11 +308,13 @@ def run_dirs_by_id(sweep_dir: str | Path, cube: xr.Dataset) -> dict[str, Path]:
 
 
 def bounds_table(sweep_dir: str | Path, cube: xr.Dataset, prompts: int = 8, samples: int = 1):
-    """Per run: held-out max KL (both directions, τ = 1), the a-posteriori and the a-priori bound.
+    """Per run: held-out max KL (both directions, τ = 1), the a-posteriori and the a-priori bound, and the lemma.
 
-    prompts > 0: `arca_lab.verify.verify_run` on `prompts` held-out prompts; the a-posteriori bound is the ball
-    bound K(R·D(ΔW)) for head-only runs (every prompt) and max_t K(range(W_lm Δh_t)) over the measured tokens
-    otherwise. prompts = 0: only the a-priori bound (no generation). Returns (DataFrame, list of BoundRow).
+    prompts > 0: `arca_lab.verify.verify_run` on `prompts` held-out prompts. Columns: `aposteriori_<d>` the ball
+    bound K(R·D(ΔW)) (head-only runs, every prompt; NaN otherwise), `apriori_<d>` (head-only), `lemma_max_k_range`
+    = max_t K(range(z_t)) over the measured tokens (a lemma on the measured shift itself, not a verified bound:
+    `arca_lab.verify.KINDS`), and the verdicts `bounds_hold`, `lemmas_hold`, `inputs_hold` (rows of that kind;
+    NaN fails). prompts = 0: only the a-priori bound (no generation). Returns (DataFrame, list of BoundRow).
     """
     from arca_lab.verify import verify_run
     from theory.softmax_kl import kl_sharp_bound
@@ -328,18 +331,30 @@ def bounds_table(sweep_dir: str | Path, cube: xr.Dataset, prompts: int = 8, samp
             rows += v.rows
             m = v.measurement
             row["kind"] = m.kind
-            row["all_hold"] = all(r.holds is not False for r in v.rows)
+            row.update(verdicts(v.rows))
             for d in DIRECTIONS:
-                row[f"heldout_{d}_max"] = float(np.max(m.per_tau[1.0][d], initial=0.0))
+                row[f"heldout_{d}_max"] = _max_or_nan(m.per_tau[1.0][d])
                 row[f"aposteriori_{d}"] = _row_value(v.rows, "K(R D(dW)/tau) ball (P3)", d, math.nan)
                 row[f"apriori_{d}"] = _row_value(v.rows, "a-priori K(rho) (A6/A7)", d, math.nan)
-            if m.kind != "head-only":
-                per_token = float(np.max(kl_sharp_bound(m.shift_range), initial=0.0))
-                row.update({f"aposteriori_{d}": per_token for d in DIRECTIONS})
+            row["lemma_max_k_range"] = _max_or_nan(kl_sharp_bound(m.shift_range))
         else:
             row.update(_apriori_only(dirs[rid]))
         table.append(row)
     return pd.DataFrame(table), rows
+
+
+def verdicts(rows) -> dict[str, bool]:
+    """`<kind>s_hold` per kind of `arca_lab.verify.KINDS` (bounds_hold, lemmas_hold, inputs_hold): no checked row
+    of that kind failed (`BoundRow.failed`: a NaN measured value or bound is a failure, never "holds")."""
+    from arca_lab.verify import KINDS
+
+    return {f"{kind}s_hold": not any(r.failed for r in rows if r.kind == kind) for kind in KINDS}
+
+
+def _max_or_nan(values: Any) -> float:
+    """The largest value; NaN when there is none or any is NaN (never a 0 that a bound trivially holds)."""
+    values = np.asarray(values, float)
+    return float(np.max(values)) if values.size else math.nan
 
 
 def _row_value(rows, bound: str, direction_key: str, default: float) -> float:

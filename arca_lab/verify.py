@@ -3,20 +3,32 @@
 For one run: load the base model and the trained adapter, sample completions of the task's held-out prompts
 (`arca_lab.run.load_task(cfg).eval_rows(n, seed=EVAL_SEED)`) from the adapted model, and measure at every valid
 completion position t the exact KL over the vocabulary in both directions, at temperature 1 and at the run's
-sampling temperature τ (`arca_lab.heldout_kl.measure_tokens`). Then evaluate every bound that applies:
+sampling temperature τ (`arca_lab.heldout_kl.measure_tokens`). Then evaluate every check that applies:
 
-    every run     ‖x_t‖₂ ≤ R = √d·max|g|, x_t = input of lm_head, g = final RMSNorm gain     aposteriori.md P2
-                  KL_t ≤ K(range(z_t)/τ), z_t = exact logit shift at t (either direction)    softmax_kl.md L3
-    head-only     KL_t ≤ K(R·D(ΔW)/τ) for every input in the ball, ΔW = s·B·A                aposteriori.md P3
-                  KL_t ≤ K(ρ), ρ from the run's hyper-parameters (BoundInputs)               apriori.md A6/A7
-    lm_head       α_div,t ≤ range(W_lm Δh_t)/τ ≤ √2‖W_lm‖₂‖Δh_t‖/τ, Δh_t = change of x_t       aposteriori.md P4
-    unadapted     (no a-priori bound: the single-layer theory does not cover a multi-layer adapter)
+    every run  lemma  ‖x_t‖₂ ≤ R = √d·max|g|, x_t = input of lm_head, g = final RMSNorm gain  aposteriori P2
+               lemma  KL_t ≤ K(range(z_t)/τ), z_t = exact logit shift at t (either direction)  softmax_kl L3
+    head-only  bound  KL_t ≤ K(R·D(ΔW)/τ) for every input in the ball, ΔW = s·B·A             aposteriori P3
+               bound  KL_t ≤ K(ρ), ρ from the run's hyper-parameters (BoundInputs)            apriori A6/A7
+               input  recorded learning rates = the schedule the a-priori bound assumes       apriori A2
+    lm_head    lemma  α_div,t ≤ range(W_lm Δh_t)/τ = range(z_t)/τ                              softmax_kl L6
+    unadapted  bound  α_div,t ≤ √2‖W_lm‖₂‖Δh_t‖/τ, Δh_t = change of x_t (credit link)         aposteriori P4
+               (no a-priori bound: the single-layer theory does not cover a multi-layer adapter)
 
-A bound "holds" when measured ≤ bound·(1 + rtol) + 1e-12, rtol = 1e-5 in float32 (2⁻⁷ in bf16: P2's caveat on
-rounding in the model dtype); all KLs and bounds are computed in float64 from the captured lm_head inputs.
-`--scale-inputs c` multiplies each bound's magnitude input by c (R for P2/P3/A6–A7, ΔW and Δh for the per-token
-bounds): c = 0.5 must produce violations on a trained adapter, which shows that the bounds are not vacuous.
-Exit code: 0 when every bound holds, 1 when any is violated, 2 on bad input.
+The kind (KINDS) says what a row can show. A "bound" row is a verification: its bound comes from something
+other than the measured tokens' own logit shift (the ball from ΔW and R, the a-priori bound from
+hyper-parameters, the credit link from ‖W_lm‖ and ‖Δh_t‖). A "lemma" row applies an inequality to the very
+arrays the measured value is computed from: K(range(z_t)/τ) and range(z_t)/τ use the exact shift z_t of the
+same token, and ‖x_t‖ ≤ R is a property of the final RMSNorm whatever the weights. A lemma row cannot fail
+unless the measurement or the theory code has a bug, so it is reported apart and never counted as a bound
+verified against an adapter. An "input" row checks an input of the a-priori bound.
+
+A row "holds" when measured ≤ bound·(1 + rtol) + 1e-12 (a NaN measured value or bound never holds), rtol =
+1e-5 in float32 (2⁻⁷ in bf16: P2's caveat on rounding in the model dtype); all KLs and bounds are computed in
+float64 from the captured lm_head inputs. `--scale-inputs c` multiplies each check's magnitude input by c (R
+for P2/P3/A6–A7, ΔW and Δh for the per-token checks): with c = 0.5 the lemma rows fail on a trained adapter
+(they are exact on their own arrays, so this shows they are evaluated on the real ones); the bound rows fail
+only where they are tight. Exit code: 0 when every row holds, 1 when any is violated (a lemma row at c = 1: a
+bug), 2 on bad input.
 
 Notation (theory/aposteriori.md):
     N: valid completion tokens over all held-out samples; d: lm_head input size; V: vocabulary rows of lm_head
@@ -53,6 +65,13 @@ from theory.softmax_kl import kl_sharp_bound
 ATOL = 1e-12
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 KL_DIRECTIONS = {"kl_policy_ref": "KL(pi_theta||pi_ref)", "kl_ref_policy": "KL(pi_ref||pi_theta)"}
+KINDS = {
+    "bound": "bound checks (ball, a-priori, credit link)",
+    "lemma": "lemma checks (K(range(z_t)/tau), alpha_div <= range(z_t)/tau, ||x_t|| <= R)",
+    "input": "input checks (lr schedule)",
+}
+"""Row kind -> what the summary line calls its rows (module docstring: only "bound" rows verify the
+theory)."""
 
 
 # ---------------------------------------------------------------------------------------------- runs on disk
@@ -89,9 +108,11 @@ def find_runs(path: str | Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------- bound rows
 @dataclass
 class BoundRow:
-    """One line of the table: a bound, its direction and temperature, the measured value and the bound."""
+    """One line of the table: a bound, its kind (KINDS), direction and temperature, the measured value and the
+    bound."""
 
     run: str
+    kind: str
     bound: str
     direction: str
     tau: float | None
@@ -99,6 +120,13 @@ class BoundRow:
     bound_value: float
     holds: bool | None  # None: not applicable (see note)
     note: str = ""
+
+    @property
+    def failed(self) -> bool:
+        """A checked row (holds not None) that does not hold or shows a NaN: a NaN never counts as holding."""
+        if self.holds is None:
+            return False
+        return not (self.holds and not math.isnan(self.measured) and not math.isnan(self.bound_value))
 
     @property
     def ratio(self) -> float:
@@ -110,8 +138,9 @@ class BoundRow:
         return self.measured / self.bound_value
 
 
-def schedule_matches(ds: xr.Dataset) -> tuple[bool, str]:
-    """Whether the recorded per-step learning rates are lr·λ(t) of the theory's schedule (apriori.md A2).
+def schedule_error(ds: xr.Dataset) -> tuple[float, float, int]:
+    """(max |recorded − lr·λ(t)|, its tolerance 1e-6·lr, steps compared): whether the recorded per-step learning
+    rates are those of the theory's schedule (apriori.md A2); NaN when no step was recorded.
 
     transformers logs the learning rate an optimiser step used (read before the scheduler steps)."""
     c = ds.coords
@@ -120,9 +149,8 @@ def schedule_matches(ds: xr.Dataset) -> tuple[bool, str]:
     )
     recorded = ds["learning_rate"].values if "learning_rate" in ds else np.zeros(0)
     n = min(len(recorded), len(expected))
-    err = float(np.max(np.abs(recorded[:n] - expected[:n]))) if n else 0.0
-    ok = n > 0 and err <= 1e-6 * float(c["lr"])
-    return ok, f"recorded lr vs lr*lambda(t): max |diff| {err:.3g} over {n} steps"
+    err = float(np.max(np.abs(recorded[:n] - expected[:n]))) if n else math.nan
+    return err, 1e-6 * float(c["lr"]), n
 
 
 def apriori_inputs(ds: xr.Dataset, head_layer: str, input_radius: float, temperature: float) -> BoundInputs:
@@ -153,40 +181,52 @@ def apriori_inputs(ds: xr.Dataset, head_layer: str, input_radius: float, tempera
 
 
 class _Rows(list):
-    """Collects BoundRows of one run with its tolerance."""
+    """Collects BoundRows of one run with its tolerance; `kind` (KINDS) is required on every row."""
 
     def __init__(self, run: str, rtol: float):
         super().__init__()
         self.run, self.rtol = run, rtol
 
     def holds(self, measured: np.ndarray, bound: np.ndarray | float) -> bool:
+        """measured ≤ bound·(1 + rtol) + ATOL everywhere; a NaN on either side compares False: never holds."""
         return bool(np.all(np.asarray(measured) <= np.asarray(bound) * (1 + self.rtol) + ATOL))
 
-    def whole(self, bound: str, direction: str, tau, measured, bound_value: float, note: str = "") -> None:
-        """A bound on every token at once: compare the largest measured value with it."""
-        m = float(np.max(measured, initial=0.0))
-        self.append(
-            BoundRow(self.run, bound, direction, tau, m, float(bound_value), self.holds(m, bound_value), note)
-        )
+    def whole(
+        self, bound: str, direction: str, tau, measured, bound_value: float, note: str = "", *, kind: str
+    ) -> None:
+        """A bound on every token at once: compare the largest measured value (NaN if any is NaN) with it."""
+        measured = np.asarray(measured, float)
+        if not measured.size:
+            self.na(bound, direction, tau, "no tokens measured", kind=kind)
+            return
+        m = float(np.max(measured))
+        self._add(kind, bound, direction, tau, m, float(bound_value), self.holds(m, bound_value), note)
 
-    def per_token(self, bound: str, direction: str, tau, measured, bounds, note: str = "") -> None:
-        """A bound per token: show the token with the largest measured/bound; holds iff every token holds."""
-        measured, bounds = np.asarray(measured, float), np.asarray(bounds, float)
+    def per_token(
+        self, bound: str, direction: str, tau, measured, bounds, note: str = "", *, kind: str
+    ) -> None:
+        """A bound per token: show the token with the largest measured/bound (a NaN one first); holds iff
+        every token holds."""
+        measured, bounds = np.broadcast_arrays(np.asarray(measured, float), np.asarray(bounds, float))
         if not len(measured):
-            self.na(bound, direction, tau, "no tokens measured")
+            self.na(bound, direction, tau, "no tokens measured", kind=kind)
             return
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(bounds > 0, measured / bounds, np.where(measured <= ATOL, 0.0, np.inf))
+        ratio[np.isnan(measured) | np.isnan(bounds)] = np.nan  # np.argmax picks the first NaN
         t = int(np.argmax(ratio))
         holds = self.holds(measured, bounds)
-        self.append(
-            BoundRow(
-                self.run, bound + " [tightest token]", direction, tau, measured[t], bounds[t], holds, note
-            )
-        )
+        self._add(kind, bound + " [tightest token]", direction, tau, measured[t], bounds[t], holds, note)
 
-    def na(self, bound: str, direction: str, tau, note: str, holds: bool | None = None) -> None:
-        self.append(BoundRow(self.run, bound, direction, tau, math.nan, math.nan, holds, note))
+    def na(self, bound: str, direction: str, tau, note: str, holds: bool | None = None, *, kind: str) -> None:
+        self._add(kind, bound, direction, tau, math.nan, math.nan, holds, note)
+
+    def _add(self, kind: str, bound: str, direction: str, tau, measured, bound_value, holds, note) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"row kind {kind!r} is not one of {list(KINDS)}")
+        self.append(
+            BoundRow(self.run, kind, bound, direction, tau, float(measured), float(bound_value), holds, note)
+        )
 
 
 def bound_rows(
@@ -207,15 +247,16 @@ def bound_rows(
     rows = _Rows(name, rtol)
     radius = None if meas.norm_gain is None else rmsnorm_radius(meas.norm_gain)  # P2: √d·max|g|
     if radius is not None:
-        rows.whole(
-            "||x_t|| <= R = sqrt(d)max|g| (P2)", "||x||", None, meas.x_norm, c * radius, meas.norm_note
-        )
-        rows.whole("||x_base_t|| <= R (P2)", "||x||", None, meas.x_base_norm, c * radius, meas.norm_note)
+        for label, norms in (
+            ("||x_t|| <= R = sqrt(d)max|g| (P2)", meas.x_norm),
+            ("||x_base_t|| <= R (P2)", meas.x_base_norm),
+        ):
+            rows.whole(label, "||x||", None, norms, c * radius, meas.norm_note, kind="lemma")
     shift = {"head-only": "dW x_t", "backbone": "W_lm dh_t"}.get(meas.kind, "z_t")
     for tau, m in meas.per_tau.items():
         per_token_k = kl_sharp_bound(c * meas.shift_range / tau)  # softmax_kl.md L3, z_t the exact shift
         for key, direction in KL_DIRECTIONS.items():
-            rows.per_token(f"K(range({shift})/tau) (L3)", direction, tau, m[key], per_token_k)
+            rows.per_token(f"K(range({shift})/tau) (L3)", direction, tau, m[key], per_token_k, kind="lemma")
         if meas.kind == "backbone":  # credit link, aposteriori.md P4 (L6 for its first inequality)
             alpha_div = np.abs(m["logp_diff"])
             L = float(ds["w_lm_op_norm"])
@@ -225,6 +266,7 @@ def bound_rows(
                 tau,
                 alpha_div,
                 c * meas.shift_range / tau,
+                kind="lemma",
             )
             rows.per_token(
                 "alpha_div <= sqrt2 ||W_lm|| ||dh_t||/tau (P4)",
@@ -232,6 +274,7 @@ def bound_rows(
                 tau,
                 alpha_div,
                 math.sqrt(2) * L * c * meas.dh_norm / tau,
+                kind="bound",
             )
         if meas.kind != "head-only" or head_factors is None:
             continue
@@ -243,16 +286,27 @@ def bound_rows(
         ball = aposteriori_kl_bound(B=B, A=A, scale=s, input_radius=c * R, temperature=tau)  # P1/P3
         prior = _apriori(ds, head_layer, c * R, tau)  # A6/A7
         for key, direction in KL_DIRECTIONS.items():
-            rows.whole("K(R D(dW)/tau) ball (P3)", direction, tau, m[key], ball["kl_" + _dir(key)], note)
+            rows.whole(
+                "K(R D(dW)/tau) ball (P3)",
+                direction,
+                tau,
+                m[key],
+                ball["kl_" + _dir(key)],
+                note,
+                kind="bound",
+            )
             if isinstance(prior, str):
-                rows.na("a-priori K(rho) (A6/A7)", direction, tau, prior)
+                rows.na("a-priori K(rho) (A6/A7)", direction, tau, prior, kind="bound")
             else:
-                rows.whole("a-priori K(rho) (A6/A7)", direction, tau, m[key], prior["kl_" + _dir(key)], note)
+                bound = prior["kl_" + _dir(key)]
+                rows.whole("a-priori K(rho) (A6/A7)", direction, tau, m[key], bound, note, kind="bound")
     if meas.kind == "head-only":
-        ok, text = schedule_matches(ds)
-        rows.na("a-priori input: lr schedule (A2)", "-", None, text, holds=ok)
+        err, tol, n = schedule_error(ds)  # a NaN (no step recorded) fails
+        note = f"max |recorded lr - lr*lambda(t)| over {n} steps vs 1e-6 lr"
+        rows.whole("a-priori input: lr schedule (A2)", "|lr diff|", None, [err], tol, note, kind="input")
     else:
-        rows.na("a-priori (A6/A7)", "-", None, "n/a: the single-layer theory covers head-only LoRA only")
+        note = "n/a: the single-layer theory covers head-only LoRA only"
+        rows.na("a-priori (A6/A7)", "-", None, note, kind="bound")
     return list(rows)
 
 
@@ -355,41 +409,58 @@ def verify_run(
 
 
 # ---------------------------------------------------------------------------------------------- table and CLI
-COLUMNS = ("run", "bound", "direction", "tau", "measured", "bound_value", "measured/bound", "holds", "note")
+COLUMNS = (
+    "run",
+    "kind",
+    "bound",
+    "direction",
+    "tau",
+    "measured",
+    "bound_value",
+    "measured/bound",
+    "holds",
+    "note",
+)
 
 
 def row_dict(row: BoundRow) -> dict[str, Any]:
     return {
         "run": row.run,
+        "kind": row.kind,
         "bound": row.bound,
         "direction": row.direction,
         "tau": row.tau,
         "measured": row.measured,
         "bound_value": row.bound_value,
         "measured/bound": row.ratio,
-        "holds": {True: "yes", False: "NO", None: "n/a"}[row.holds],
+        "holds": "n/a" if row.holds is None else "NO" if row.failed else "yes",
         "note": row.note,
     }
 
 
 def format_table(rows: list[BoundRow]) -> str:
-    """Fixed-width table with the columns run, bound, direction, tau, measured, bound, measured/bound, holds."""
+    """Fixed-width table with the columns run, kind, bound, direction, tau, measured, bound, measured/bound,
+    holds, note ("-" for a value a not-applicable row lacks; a checked row shows its NaNs as "nan")."""
 
-    def num(v: float | None) -> str:
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
+    def num(v: float | None, checked: bool = False) -> str:
+        return "-" if v is None or (not checked and math.isnan(v)) else f"{v:.4g}"
 
-    cells = [["run", "bound", "direction", "tau", "measured", "bound", "measured/bound", "holds", "note"]]
+    cells = [
+        ["run", "kind", "bound", "direction", "tau", "measured", "bound", "measured/bound", "holds", "note"]
+    ]
     for r in rows:
         d = row_dict(r)
+        checked = r.holds is not None
         cells.append(
             [
                 d["run"],
+                d["kind"],
                 d["bound"],
                 d["direction"],
                 num(d["tau"]),
-                num(d["measured"]),
-                num(d["bound_value"]),
-                num(d["measured/bound"]),
+                num(d["measured"], checked),
+                num(d["bound_value"], checked),
+                num(d["measured/bound"], checked),
                 d["holds"],
                 d["note"],
             ]
@@ -399,11 +470,33 @@ def format_table(rows: list[BoundRow]) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
+def check_summary(rows: list[BoundRow], scale_inputs: float = 1.0) -> str:
+    """The verdict: checked rows counted per kind (KINDS) and the violated ones named per kind. A failed lemma
+    row is reported as a bug in the measurement or the theory code, unless the inputs were scaled (then it is
+    what scaling is for: a lemma is exact on its own arrays, so halving its input makes it fail)."""
+    checked = [r for r in rows if r.holds is not None]
+    counts = ", ".join(f"{sum(r.kind == k for r in checked)} {text}" for k, text in KINDS.items())
+    parts = []
+    for kind in KINDS:
+        failed = [f"{r.run}: {r.bound}" for r in checked if r.kind == kind and r.failed]
+        if not failed:
+            continue
+        what = {
+            "bound": "bound check(s) violated",
+            "lemma": "lemma check(s) failed (expected with scaled inputs)"
+            if scale_inputs != 1.0
+            else "LEMMA check(s) failed: a bug in the measurement or theory code, not a bound violated",
+            "input": "input check(s) failed",
+        }[kind]
+        parts.append(f"{len(failed)} {what}: " + "; ".join(sorted(set(failed))))
+    return counts + "; " + (" | ".join(parts) if parts else "0 violated: all hold")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="arca-lab verify-bound",
         description="Check the theory's KL bounds against trained adapters (a run directory, or every run below "
-        "a sweep directory). Exit 0 if every bound holds, 1 if any is violated, 2 on bad input.",
+        "a sweep directory). Exit 0 if every check holds, 1 if any fails (lemma checks too), 2 on bad input.",
     )
     p.add_argument("path", type=Path, help="a run directory (config.json + run.nc) or a sweep directory")
     p.add_argument(
@@ -457,11 +550,6 @@ def main(argv: list[str] | None = None) -> int:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows(row_dict(r) for r in rows)
-    checked = [r for r in rows if r.holds is not None]
-    violated = [r for r in checked if not r.holds]
     scale = f" (inputs scaled by {args.scale_inputs:g})" if args.scale_inputs != 1.0 else ""
-    print(
-        f"verify-bound: {len(runs)} run(s), {len(checked)} bounds checked{scale}, {len(violated)} violated"
-        + (": " + "; ".join(sorted({f"{r.run}: {r.bound}" for r in violated})) if violated else ": all hold")
-    )
-    return 1 if violated else 0
+    print(f"verify-bound: {len(runs)} run(s){scale}: {check_summary(rows, args.scale_inputs)}")
+    return 1 if any(r.failed for r in rows) else 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -116,17 +117,38 @@ def test_credit_regimes_contain_the_measured_concentration(cube):
 def test_bounds_table_with_and_without_generation(sweep, cube):
     full, rows = analysis.bounds_table(sweep, cube, prompts=2)
     cheap, no_rows = analysis.bounds_table(sweep, cube, prompts=0)
-    assert rows and not no_rows and full["all_hold"].all()
+    assert rows and not no_rows
+    assert full[["bounds_hold", "lemmas_hold", "inputs_hold"]].all().all()
     full, cheap = full.set_index("run_id"), cheap.set_index("run_id")
+    heads = [R1_HEAD, HEAD]
     for d in analysis.DIRECTIONS:
         # the a-priori bound needs no generation: both paths give the same number
-        for rid in (R1_HEAD, HEAD):
+        for rid in heads:
             assert cheap.loc[rid, f"apriori_{d}"] == pytest.approx(full.loc[rid, f"apriori_{d}"], rel=1e-12)
         assert math.isnan(cheap.loc[ALL, f"apriori_{d}"]) and math.isnan(full.loc[ALL, f"apriori_{d}"])
-        assert (full[f"heldout_{d}_max"] <= full[f"aposteriori_{d}"]).all()
-        assert (
-            full.loc[[R1_HEAD, HEAD], f"aposteriori_{d}"] <= full.loc[[R1_HEAD, HEAD], f"apriori_{d}"]
-        ).all()
+        # the ball bound is head-only; the all-linear run has only the lemma, which is not shown as a bound
+        assert (full.loc[heads, f"heldout_{d}_max"] <= full.loc[heads, f"aposteriori_{d}"]).all()
+        assert math.isnan(full.loc[ALL, f"aposteriori_{d}"])
+        assert (full[f"heldout_{d}_max"] <= full["lemma_max_k_range"]).all()
+        assert (full.loc[heads, f"aposteriori_{d}"] <= full.loc[heads, f"apriori_{d}"]).all()
+    # the lemma's range is that of the measured tokens, the ball's the largest over ||x|| <= R
+    assert (full.loc[heads, "lemma_max_k_range"] <= full.loc[heads, "aposteriori_kl_ref_policy"]).all()
+
+
+def test_verdicts_count_nan_as_a_failure_and_lemmas_apart():
+    from arca_lab.verify import BoundRow
+
+    ball = BoundRow("r", "bound", "K(R D(dW)/tau) ball (P3)", "d", 1.0, 0.1, 1.0, True)
+    lemma = BoundRow("r", "lemma", "K(range(dW x_t)/tau) (L3)", "d", 1.0, 0.1, 0.2, True)
+    na = BoundRow("r", "bound", "a-priori (A6/A7)", "-", None, math.nan, math.nan, None)  # not applicable
+    assert analysis.verdicts([ball, lemma, na]) == dict(bounds_hold=True, lemmas_hold=True, inputs_hold=True)
+    for nan_ball in (replace(ball, bound_value=math.nan), replace(ball, measured=math.nan, holds=False)):
+        assert analysis.verdicts([nan_ball, lemma])["bounds_hold"] is False
+    v = analysis.verdicts([ball, replace(lemma, measured=math.nan)])
+    assert v["lemmas_hold"] is False and v["bounds_hold"] is True  # a failed lemma is not a violated bound
+    # the held-out max: NaN when nothing was measured or a value is NaN, never a 0 a bound trivially holds
+    assert math.isnan(analysis._max_or_nan([])) and math.isnan(analysis._max_or_nan([0.1, math.nan]))
+    assert analysis._max_or_nan([0.1, 0.3]) == 0.3
 
 
 def test_kl_panels_draw_credits_with_two_ranks_only():
@@ -252,6 +274,8 @@ def test_notebook_runs_on_the_tiny_sweep(sweep, tmp_path):
         "".join(o.get("text", "")) for c in out["cells"] if c["cell_type"] == "code" for o in c["outputs"]
     )
     assert f"python: {sys.executable}" in printed
-    assert "0 violated bounds: all hold" in printed
+    # the lemma checks are counted apart from the bounds (2 head-only runs, 1 all-linear at 2 temperatures)
+    assert "10 bound checks (ball, a-priori, credit link), 16 lemma checks" in printed
+    assert "2 input checks (lr schedule); 0 violated: all hold" in printed
     assert "beta figure skipped" in printed  # the sweep has no beta > 0 runs
     assert "lie in the predicted interval: 1.000" in printed

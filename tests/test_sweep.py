@@ -7,6 +7,7 @@ kernel start (a few seconds), so the integration tests share one small sweep (`t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import subprocess
@@ -18,7 +19,7 @@ import nbformat
 import numpy as np
 import pytest
 
-from arca_lab import sweep_exec
+from arca_lab import sweep_exec, sweep_grid
 from arca_lab.config import make_config
 from arca_lab.results import load_run, write_netcdf
 from arca_lab.run import train
@@ -105,26 +106,76 @@ def test_presets_build_their_grids():
     assert len(make_grid("full").points()) == 5 * 5 * 2 * 2 * 3
 
 
-def test_cost_model_by_hand():
-    cfg = make_config(steps=10, prompts_per_step=16, num_generations=8, eval_prompts=64, pass_k=4, threads=1)
-    evals = 2 * COST["per_eval_sequence"] * 64 * (1 + 4)  # greedy + 4 samples per prompt, before and after
-    step = COST["per_completion"] * 16 * 8
-    assert estimate_run_seconds(cfg) == pytest.approx(COST["notebook"] + COST["setup"] + evals + 10 * step)
-    arca = make_config(**{**cfg.__dict__, "credit": "arca", "target_modules": "lm_head"})
-    factor = CREDIT_FACTOR["arca"] * ARM_FACTOR["lm_head"]
-    assert estimate_run_seconds(arca) == pytest.approx(
-        COST["notebook"] + COST["setup"] + evals + 10 * step * factor
-    )
-    # Makespan over 2 workers in order: runs a, a, b go to worker 1, 2, then the first free one (1).
-    a, b = estimate_run_seconds(cfg), estimate_run_seconds(arca)
-    total = estimate_seconds([cfg, cfg, arca], workers=2, build_cached=False)
-    per_run = COST["combine_per_run"] + COST["analysis_per_run"]  # combine + verify-bound, for every run
-    expected = COST["build"] + COST["startup"] + a + b + COST["analysis"] + 3 * per_run
-    assert total == pytest.approx(expected)
-    # a resumed sweep with 1 run to do still combines and analyses all 300
-    resumed = estimate_seconds([cfg], workers=2, total_runs=300)
-    assert resumed == pytest.approx(COST["startup"] + a + COST["analysis"] + 300 * per_run)
+ROUND_COST = dict(
+    notebook=10.0,
+    setup=2.0,
+    per_completion=0.01,
+    per_eval_sequence=0.001,
+    build=100.0,
+    analysis=20.0,
+    analysis_per_run=1.0,
+    startup=3.0,
+    combine_per_run=0.5,
+)
+"""Round calibration constants, so that the expected seconds below are worked out by hand, not by the formula."""
+
+
+@pytest.fixture
+def round_costs(monkeypatch):
+    for key, value in ROUND_COST.items():
+        monkeypatch.setitem(COST, key, value)
+    monkeypatch.setitem(CREDIT_FACTOR, "arca", 1.5)
+    monkeypatch.setitem(ARM_FACTOR, "lm_head", 0.5)
+    monkeypatch.setattr(sweep_grid, "BETA_FACTOR", 2.0)
+
+
+def test_cost_model_by_hand(round_costs):
+    """Seconds of a 3-run grid, worked out by hand with the round constants of ROUND_COST."""
+    base = dict(steps=10, prompts_per_step=16, num_generations=8, eval_prompts=50, pass_k=4, threads=1)
+    a = make_config(**base)  # credit uniform, all-linear, beta 0
+    b = make_config(**base, credit="arca", target_modules="lm_head")
+    c = make_config(**base, beta=0.05)
+    # a: 16 x 8 = 128 completions x 0.01 s = 1.28 s per step (1 thread: speed-up 1), x 10 steps = 12.8 s;
+    #    evals 2 (before, after) x 50 prompts x (1 greedy + 4 samples) x 0.001 s = 0.5 s;
+    #    10 notebook + 2 setup + 0.5 + 12.8 = 25.3 s
+    assert estimate_run_seconds(a) == pytest.approx(25.3)
+    # b: step 1.28 x 1.5 (arca) x 0.5 (head only) = 0.96 s, x 10 = 9.6 s: 10 + 2 + 0.5 + 9.6 = 22.1 s
+    assert estimate_run_seconds(b) == pytest.approx(22.1)
+    # c: step 1.28 x 2 (beta > 0) = 2.56 s, x 10 = 25.6 s: 10 + 2 + 0.5 + 25.6 = 38.1 s
+    assert estimate_run_seconds(c) == pytest.approx(38.1)
+    # [a, a, b] over 2 workers in order: a -> worker 1 (25.3), a -> worker 2 (25.3), b -> the first free one,
+    # worker 1 (25.3 + 22.1 = 47.4): makespan 47.4 s. Plus build 100, startup 3, analysis 20 and, for each of the
+    # 3 runs, combine 0.5 + verify-bound 1: 100 + 3 + 47.4 + 20 + 4.5 = 174.9 s
+    assert estimate_seconds([a, a, b], workers=2, build_cached=False) == pytest.approx(174.9)
+    # [c, a, b] over 2 workers: c -> 1 (38.1), a -> 2 (25.3), b -> 2 (47.4): makespan 47.4, base model cached:
+    # 3 + 47.4 + 20 + 4.5 = 74.9 s
+    assert estimate_seconds([c, a, b], workers=2) == pytest.approx(74.9)
+    # a resumed sweep with only a left to run still combines and analyses all 300 runs: 3 + 25.3 + 20 + 450
+    assert estimate_seconds([a], workers=2, total_runs=300) == pytest.approx(498.3)
     assert estimate_run_seconds(make_config(model="some/hub-model")) is None
+    assert estimate_seconds([a, make_config(model="some/hub-model")], workers=2) is None
+
+
+def test_cost_model_properties():
+    """With the real calibration: monotone in steps, additive over runs on one worker, and a resumed sweep pays
+    run time only for its unfinished runs but combining and analysis for all of them."""
+    base = dict(prompts_per_step=16, num_generations=8, eval_prompts=64, pass_k=4, threads=1)
+    runs = [make_config(**base, steps=s) for s in (1, 2, 5, 12)]
+    seconds = [estimate_run_seconds(c) for c in runs]
+    assert all(x < y for x, y in itertools.pairwise(seconds)), seconds
+    sweeps = [estimate_seconds([c, c], workers=2) for c in runs]
+    assert all(x < y for x, y in itertools.pairwise(sweeps)), sweeps
+    # one worker: the sweep is the fixed part (nothing to run) plus the sum of its runs
+    fixed = estimate_seconds([], workers=1, total_runs=len(runs))
+    assert estimate_seconds(runs, workers=1) == pytest.approx(fixed + sum(seconds))
+    # resume: of 4 runs, the 2 finished ones cost no run time; combine and analysis still cover all 4
+    todo = runs[2:]
+    assert estimate_seconds(todo, workers=1, total_runs=4) == pytest.approx(fixed + sum(seconds[2:]))
+    assert estimate_seconds(todo, workers=1, total_runs=4) < estimate_seconds(runs, workers=1)
+    assert estimate_seconds([], workers=2, total_runs=4) == pytest.approx(fixed)  # everything finished
+    # two workers: the makespan, at least the longest run and at most all of them in a row
+    two = estimate_seconds(runs, workers=2) - fixed
+    assert max(seconds) <= two < sum(seconds)
 
 
 def test_default_grid_fits_ten_minutes_by_the_cost_model():
@@ -403,7 +454,8 @@ def test_report_executes_the_analysis_notebook(tiny_sweep, tmp_path, monkeypatch
     assert report_main([str(out)]) == 0
     executed = nbformat.read(out / "analysis.ipynb", as_version=4)
     printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
-    assert "0 violated bounds: all hold" in printed and "KL-vs-rank figure skipped" in printed
+    assert "0 violated: all hold" in printed and "KL-vs-rank figure skipped" in printed
+    assert "bound checks (ball, a-priori, credit link)" in printed and "lemma checks" in printed
     assert {p.name for p in (out / "figures").glob("*.png")} >= {
         "credit_concentration.png",
         "reward_accuracy.png",

@@ -18,13 +18,14 @@ import pytest
 import torch
 from filelock import FileLock
 
+from arca_lab import verify
 from arca_lab.config import HF_LR_SCHEDULERS as SCHEDULES
 from arca_lab.config import make_config
 from arca_lab.heldout_kl import effective_gain, final_norm
 from arca_lab.results import load_run
 from arca_lab.run import grpo_args, train
 from arca_lab.testing import make_tiny_causal_lm
-from arca_lab.verify import _Rows, apriori_inputs, find_runs, main, verify_run
+from arca_lab.verify import BoundRow, _Rows, apriori_inputs, check_summary, find_runs, main, verify_run
 from theory.aposteriori import credit_link_bound, per_token_kl_bound
 from theory.apriori import lora_scale
 from theory.softmax_kl import kl_ref_theta, kl_theta_ref
@@ -90,6 +91,7 @@ def test_bounds_hold_on_trained_adapters(verified):
     assert head.measurement.kind == "head-only" and full.measurement.kind == "backbone"
     for v in (head, full):
         assert all(r.holds for r in _checked(v.rows)), [r for r in v.rows if r.holds is False]
+        assert not [r for r in v.rows if r.failed]
         # the adapter moved, so the check is not 0 <= bound
         assert max(v.measurement.per_tau[1.0]["kl_ref_policy"]) > 1e-4
     names = {r.bound for r in head.rows}
@@ -104,6 +106,31 @@ def test_bounds_hold_on_trained_adapters(verified):
     assert [r.holds for r in full.rows if r.bound.startswith("a-priori")] == [None]
     assert sorted(full.measurement.per_tau) == [0.7, 1.0]
     assert {r.tau for r in full.rows if r.bound.startswith("alpha_div")} == {0.7, 1.0}
+
+
+def _names(rows, kind):
+    return {r.bound.removesuffix(" [tightest token]") for r in rows if r.kind == kind}
+
+
+def test_lemma_rows_are_labelled_apart_from_the_bounds(verified):
+    """Rows computed from the measured tokens' own logit shift (or the norm's radius) are lemma checks; only the
+    ball, the a-priori bound and the sqrt2 credit link are bound checks (verify.KINDS)."""
+    head, full = verified["head"].rows, verified["all"].rows
+    assert _names(head, "lemma") == {
+        "||x_t|| <= R = sqrt(d)max|g| (P2)",
+        "||x_base_t|| <= R (P2)",
+        "K(range(dW x_t)/tau) (L3)",
+    }
+    assert _names(head, "bound") == {"K(R D(dW)/tau) ball (P3)", "a-priori K(rho) (A6/A7)"}
+    assert _names(head, "input") == {"a-priori input: lr schedule (A2)"}
+    assert _names(full, "lemma") == {
+        "||x_t|| <= R = sqrt(d)max|g| (P2)",
+        "||x_base_t|| <= R (P2)",
+        "K(range(W_lm dh_t)/tau) (L3)",
+        "alpha_div <= range(W_lm dh_t)/tau (L6)",
+    }
+    assert _names(full, "bound") == {"alpha_div <= sqrt2 ||W_lm|| ||dh_t||/tau (P4)", "a-priori (A6/A7)"}
+    assert not _names(full, "input")
 
 
 def test_head_only_measurement_is_the_theorys_exact_kl(verified):
@@ -182,23 +209,47 @@ def test_apriori_inputs_come_from_the_run(sweep):
         assert str(grpo_args(cfg, "unused", progress=False).lr_scheduler_type.value) == theory_name
 
 
+def test_schedule_input_check_fails_on_a_wrong_schedule(sweep):
+    ds = load_run(sweep / "runs" / HEAD)
+    err, tol, n = verify.schedule_error(ds)
+    assert n == 2 and err <= tol == pytest.approx(5e-8)  # lr 5e-2
+    wrong = ds.assign(learning_rate=ds["learning_rate"] * 1.01)  # 1 % off the schedule
+    err, tol, n = verify.schedule_error(wrong)
+    assert err > tol
+    err, _, _ = verify.schedule_error(ds.assign(learning_rate=ds["learning_rate"] * math.nan))
+    assert math.isnan(err)  # and a NaN never holds (test_nan_never_holds)
+    assert math.isnan(verify.schedule_error(ds.drop_vars("learning_rate"))[0])  # nothing recorded
+
+
 def test_cli_passes_and_halved_inputs_fail(sweep, capsys, tmp_path):
     assert main([str(sweep)]) == 0
     text = capsys.readouterr().out
-    assert "3 run(s)" in text and "all hold" in text
-    assert {line.split()[0] for line in text.splitlines()[2:-1]} == {f"runs/{rid}" for rid in SWEEP_RUNS}
+    lines = text.splitlines()
+    assert {line.split()[0] for line in lines[2:-1]} == {f"runs/{rid}" for rid in SWEEP_RUNS}
+    assert lines[0].split()[:3] == ["run", "kind", "bound"]
+    assert {line.split()[1] for line in lines[2:-1]} == {"bound", "lemma", "input"}
+    # Counted per kind. Head-only runs (2, tau 1): ball + a-priori in 2 directions = 4 bounds; 2 radius rows + L3
+    # in 2 directions = 4 lemmas; 1 schedule input. All-linear run (tau 1 and 0.7): P4 per tau = 2 bounds (its
+    # a-priori row is n/a: not counted); 2 radius rows + per tau (L3 x 2 + L6) = 8 lemmas.
+    assert lines[-1] == (
+        "verify-bound: 3 run(s): 10 bound checks (ball, a-priori, credit link), 16 lemma checks "
+        "(K(range(z_t)/tau), alpha_div <= range(z_t)/tau, ||x_t|| <= R), 2 input checks (lr schedule); "
+        "0 violated: all hold"
+    )
 
     table = tmp_path / "halved.csv"
     assert main([str(sweep), "--scale-inputs", "0.5", "--csv", str(table)]) == 1
     text = capsys.readouterr().out
-    assert "violated" in text and "all hold" not in text
+    assert "all hold" not in text
+    assert "lemma check(s) failed (expected with scaled inputs)" in text and "a bug" not in text
     rows = list(csv.DictReader(table.open()))
     assert {r["run"] for r in rows} == {f"runs/{rid}" for rid in SWEEP_RUNS}
+    assert list(rows[0]) == list(verify.COLUMNS) and {r["kind"] for r in rows} == {"bound", "lemma", "input"}
     for rid in SWEEP_RUNS:
-        failed = {r["bound"] for r in rows if r["run"] == f"runs/{rid}" and r["holds"] == "NO"}
-        # P2 (R halved: the tiny model's gain is 1, so ||x|| = R up to eps) and the per-token KL bound
-        assert any(b.startswith("||x_t|| <= R") for b in failed), failed
-        assert any(b.startswith("K(range(") for b in failed), failed
+        failed = {(r["kind"], r["bound"]) for r in rows if r["run"] == f"runs/{rid}" and r["holds"] == "NO"}
+        # P2 (R halved: the tiny model's gain is 1, so ||x|| = R up to eps) and the per-token KL bound: lemmas
+        assert any(k == "lemma" and b.startswith("||x_t|| <= R") for k, b in failed), failed
+        assert any(k == "lemma" and b.startswith("K(range(") for k, b in failed), failed
 
 
 def test_not_a_run_directory_is_a_clear_error(tmp_path, sweep, capsys):
@@ -232,13 +283,63 @@ def test_sweep_mode_finds_every_run_and_skips_staging(sweep, tmp_path):
 
 def test_rows_report_the_tightest_token():
     rows = _Rows("r", rtol=1e-5)
-    rows.per_token("K", "d", 1.0, [0.1, 0.5, 0.0], [1.0, 0.6, 0.0])
+    rows.per_token("K", "d", 1.0, [0.1, 0.5, 0.0], [1.0, 0.6, 0.0], kind="bound")
     assert (rows[0].measured, rows[0].bound_value, rows[0].holds) == (0.5, 0.6, True)
-    rows.per_token("K", "d", 1.0, [0.1, 0.7], [1.0, 0.6])  # 0.7 > 0.6: violated
-    rows.per_token("K", "d", 1.0, [1e-3, 0.1], [0.0, 1.0])  # positive KL where the bound is 0
-    rows.whole("ball", "d", 1.0, [0.2, 0.3], 0.3 * (1 + 1e-6))  # within rtol of the bound
+    rows.per_token("K", "d", 1.0, [0.1, 0.7], [1.0, 0.6], kind="bound")  # 0.7 > 0.6: violated
+    rows.per_token("K", "d", 1.0, [1e-3, 0.1], [0.0, 1.0], kind="bound")  # positive KL where the bound is 0
+    rows.whole("ball", "d", 1.0, [0.2, 0.3], 0.3 * (1 + 1e-6), kind="bound")  # within rtol of the bound
     assert [r.holds for r in rows] == [True, False, False, True]
+    assert [r.failed for r in rows] == [False, True, True, False]
     assert rows[2].ratio == math.inf and rows[1].ratio == pytest.approx(0.7 / 0.6)
+    with pytest.raises(ValueError, match="row kind 'theorem'"):
+        rows.whole("ball", "d", 1.0, [0.2], 1.0, kind="theorem")
+
+
+def test_nan_never_holds():
+    """A NaN measured value or bound is a failure, in a per-token row, a whole row and the verdicts."""
+    rows = _Rows("r", rtol=1e-5)
+    rows.per_token("K", "d", 1.0, [0.1, math.nan, 0.2], [1.0, 1.0, 1.0], kind="lemma")  # NaN measured
+    rows.per_token("K", "d", 1.0, [0.0, 0.1], [math.nan, 1.0], kind="lemma")  # NaN bound where KL is 0
+    rows.whole("ball", "d", 1.0, [0.2, math.nan], 1.0, kind="bound")  # NaN among the measured values
+    rows.whole("ball", "d", 1.0, [0.2], math.nan, kind="bound")  # NaN bound
+    rows.whole("ball", "d", 1.0, [], 1.0, kind="bound")  # nothing measured: not applicable, not "holds"
+    assert [r.holds for r in rows] == [False, False, False, False, None]
+    assert [r.failed for r in rows] == [True, True, True, True, False]
+    # the row shown is the token with the NaN
+    assert math.isnan(rows[0].measured) and math.isnan(rows[1].bound_value)
+    # a row whose flag says it holds but whose numbers are NaN still fails
+    assert BoundRow("r", "bound", "b", "d", 1.0, math.nan, 1.0, True).failed
+    assert BoundRow("r", "bound", "b", "d", 1.0, 0.5, math.nan, True).failed
+    assert not BoundRow("r", "bound", "b", "d", 1.0, 0.5, 1.0, True).failed
+    assert not BoundRow("r", "bound", "b", "d", None, math.nan, math.nan, None).failed  # n/a
+    summary = check_summary(rows)
+    assert summary.startswith("2 bound checks (ball, a-priori, credit link), 2 lemma checks")
+    assert "2 bound check(s) violated: r: ball" in summary and "all hold" not in summary
+    assert "nan" in verify.format_table(list(rows)).splitlines()[2]  # a checked NaN is shown, not "-"
+
+
+def test_cli_reports_a_failed_lemma_as_a_bug(sweep, capsys, monkeypatch):
+    """Exit 1 on a failed lemma row, reported as a bug and not counted as a bound; a NaN bound row fails too."""
+    rows = [
+        BoundRow("x", "lemma", "K(range(z_t)/tau) (L3) [tightest token]", "d", 1.0, 0.3, 0.2, False),
+        BoundRow("x", "bound", "K(R D(dW)/tau) ball (P3)", "d", 1.0, 0.1, 1.0, True),
+    ]
+
+    def fake_verify_run(run, **kwargs):
+        return verify.RunVerification(run, list(rows), None, None)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(verify, "verify_run", fake_verify_run)
+    assert main([str(sweep / "runs" / HEAD)]) == 1
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith(
+        "verify-bound: 1 run(s): 1 bound checks (ball, a-priori, credit link), 1 lemma checks"
+    )
+    assert "1 LEMMA check(s) failed: a bug in the measurement or theory code" in last
+    assert "bound check(s) violated" not in last
+
+    rows[:] = [BoundRow("x", "bound", "a-priori K(rho) (A6/A7)", "d", 1.0, 0.1, math.nan, True)]
+    assert main([str(sweep / "runs" / HEAD)]) == 1
+    assert "1 bound check(s) violated: x: a-priori K(rho) (A6/A7)" in capsys.readouterr().out
 
 
 def test_final_norm_is_found_generically(tmp_path, tiny_model_dir):
