@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     delegated = {  # subcommands whose own module parses their arguments
         "theory": "theory.cli:main",
-        "sweep": "arca_lab.sweep:main",
-        "report": "arca_lab.sweep:report_main",
+        "sweep": "arca_lab.sweep.cli:main",
+        "report": "arca_lab.sweep.cli:report_main",
         "verify-bound": "arca_lab.verify:main",
     }
     if argv and argv[0] in delegated:

@@ -11,7 +11,7 @@ import pytest
 
 from arca_lab.config import RunConfig, field_docs, make_config
 from arca_lab.results import load_run
-from arca_lab.sweep_exec import (
+from arca_lab.sweep.execute import (
     EXTRA_PARAMETERS,
     RUN_NOTEBOOK,
     config_from_parameters,
@@ -37,7 +37,7 @@ def test_committed_notebook_is_stripped_and_its_parameters_are_runconfig():
     tagged = [c for c in code if "parameters" in c["metadata"].get("tags", [])]
     assert len(tagged) == 1
     # The cell is exactly what the generator writes from RunConfig today: a new field fails this test.
-    assert "".join(tagged[0]["source"]) == "\n".join(parameter_lines()), "run `python -m arca_lab.sweep_exec`"
+    assert "".join(tagged[0]["source"]) == "\n".join(parameter_lines()), "run `python -m arca_lab.sweep.execute`"
 
     declared = pm.inspect_notebook(str(RUN_NOTEBOOK))
     names = [f.name for f in fields(RunConfig)]

@@ -33,7 +33,7 @@ from theory.softmax_kl import kl_ref_theta, kl_theta_ref
 TINY = dict(
     steps=2, prompts_per_step=2, num_generations=2, max_completion_length=12, eval_prompts=4, pass_k=2
 )
-SWEEP_RUNS = {  # run_id (arca_lab.sweep_grid.run_id) -> RunConfig overrides
+SWEEP_RUNS = {  # run_id (arca_lab.sweep.grid.run_id) -> RunConfig overrides
     "r1-uniform-s0-head-a2r": dict(rank=1, target_modules="lm_head", credit="uniform"),
     "r2-uniform-s0-head-a2r": dict(rank=2, target_modules="lm_head", credit="uniform"),
     "r2-arca-s0-all-a2r": dict(rank=2, target_modules="all-linear", credit="arca", temperature=0.7),

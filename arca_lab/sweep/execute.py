@@ -31,7 +31,7 @@ from typing import Any
 from arca_lab.config import RunConfig, field_docs
 from arca_lab.results import write_text_atomic
 
-NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 RUN_NOTEBOOK = NOTEBOOK_DIR / "grpo_run.ipynb"
 ANALYSIS_NOTEBOOK = NOTEBOOK_DIR / "rank_sweep_analysis.ipynb"
 KERNEL_NAME = "arca-lab-sweep"
@@ -77,7 +77,7 @@ def _literal(value: Any) -> str:
 def write_parameters_cell(notebook: Path = RUN_NOTEBOOK) -> bool:
     """Regenerate the run notebook's `parameters` cell from RunConfig (after a field was added); True if changed.
 
-    Command line: `python -m arca_lab.sweep_exec` (then commit the notebook; tests/test_run_notebook.py checks it).
+    Command line: `python -m arca_lab.sweep.execute` (then commit the notebook; tests/test_run_notebook.py checks it).
     """
     import nbformat
 

@@ -18,7 +18,7 @@ import xarray as xr
 from arca_lab.config import RunConfig
 from arca_lab.credit import CREDITS
 from arca_lab.results import load_run
-from arca_lab.sweep_grid import ALPHA_RULES, ARMS, AXES, axis_values_of, run_id
+from arca_lab.sweep.grid import ALPHA_RULES, ARMS, AXES, axis_values_of, run_id
 
 SUMMARY_LAST_STEPS = 3
 """Summary metrics are the mean over a run's last this-many steps (single steps are noisy at 16 prompts)."""

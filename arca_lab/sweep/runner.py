@@ -19,8 +19,8 @@ from typing import Any
 import xarray as xr
 
 from arca_lab.results import write_netcdf, write_text_atomic
-from arca_lab.sweep_cube import combine_runs, format_table, summary_table
-from arca_lab.sweep_grid import (
+from arca_lab.sweep.cube import combine_runs, format_table, summary_table
+from arca_lab.sweep.grid import (
     NOT_COMPARED,
     Grid,
     check_matched_budgets,
@@ -122,7 +122,7 @@ def _previous_sessions(out: Path) -> list[dict[str, Any]]:
 
 def combine_sweep(out: Path) -> tuple[xr.Dataset | None, list[dict[str, Any]]]:
     """Combine a sweep directory's finished runs into `sweep.nc` (atomic) and `summary.txt`."""
-    from arca_lab.sweep_exec import is_finished
+    from arca_lab.sweep.execute import is_finished
 
     stored = json.loads((out / "sweep.json").read_text())
     grid = Grid.from_json(stored["grid"])
@@ -157,7 +157,7 @@ def run_sweep(
     log=print,
 ) -> SweepOutcome:
     """Run (or resume) a sweep into `out`; every check happens before the first run starts."""
-    from arca_lab import sweep_exec as ex
+    from arca_lab.sweep import execute as ex
 
     start = time.perf_counter()
     out = Path(out).resolve()
