@@ -5,6 +5,7 @@ Derivations are in theory/credit_degeneracy.md; each test names the section it c
 """
 
 import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import sympy as sp
 from scipy.optimize import differential_evolution
 
+from theory import aposteriori
 from theory import credit_degeneracy as cd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +121,7 @@ def test_sympy_extremal_fractions_and_envelopes():
     assert sp.simplify(e.subs(x, CF["etr_argmin_x"]) - CF["etr_envelope"]) == 0
     # Prop. 2 chain (§4): 2(√ρ − 1)/(√ρ + 1) = 2(ρ − 1)/(√ρ + 1)², then ≤ (ρ − 1)/2 since √ρ + 1 ≥ 2.
     assert sp.simplify(2 * CF["gini_envelope"] - 2 * (rho - 1) / (sp.sqrt(rho) + 1) ** 2) == 0
-    # Prop. 2 rate ≈ p z / 2 as z = 2Lβ/ε → 0.
+    # Prop. 2 rate ≈ p z / 2 as z = √2·Lβ/ε → 0.
     assert sp.simplify(sp.series(CF["prop2_rate"], z, 0, 2).removeO() - p * z / 2) == 0
 
 
@@ -131,10 +133,12 @@ def test_sympy_sum_form_and_prop1_decomposition():
     # §5 decomposition: a/S − b/S_b = (a − b)/S_b + a (S_b − S_a)/(S_a S_b).
     a, b, Sa, Sb = sp.symbols("a b S_a S_b", positive=True)
     assert sp.simplify(a / Sa - b / Sb - ((a - b) / Sb + a * (Sb - Sa) / (Sa * Sb))) == 0
-    # Stated form vs corrected at δ = 2Lβ: they differ by exactly the factor T (when ε = 0).
-    L, beta = sp.symbols("L beta", positive=True)
-    corrected = CF["prop1_p1"].subs({delta: 2 * L * beta, eps: 0})
+    # Stated form vs corrected at the paper's δ = 2Lβ: they differ by exactly the factor T (when ε = 0); with
+    # the proved δ = √2·Lβ (aposteriori.md P4) by T/√2.
+    corrected = CF["prop1_p1"].subs({delta: CF["prop2_stated"], eps: 0})
     assert sp.simplify(corrected / CF["prop1_stated"] - T) == 0
+    proved = CF["prop1_p1"].subs({delta: CF["logprob_shift"], eps: 0})
+    assert sp.simplify(proved / CF["prop1_stated"] - T / sp.sqrt(2)) == 0
 
 
 def test_numpy_matches_lambdified_closed_forms():
@@ -241,7 +245,7 @@ def test_sum_form_is_tight_and_never_beaten():
 # ------------------------------------------------------------------ §4 ARCA paper Prop. 2
 
 
-def test_logprob_shift_is_at_most_2_L_beta():
+def test_logprob_shift_is_at_most_sqrt2_L_beta():
     rng = np.random.default_rng(4)
     d, V = 8, 30
     for _ in range(200):
@@ -252,25 +256,51 @@ def test_logprob_shift_is_at_most_2_L_beta():
         logp = lambda zz: zz - np.log(np.exp(zz - zz.max()).sum()) - zz.max()  # noqa: E731
         shift = np.abs(logp(W @ (h + dh)) - logp(W @ h)).max()
         assert shift <= cd.logprob_shift_bound(L, beta) + 1e-12
+        assert cd.logprob_shift_bound(L, beta) < cd.prop2_stated(L, beta)  # the paper's 2Lβ is looser
+
+
+def test_logprob_shift_constant_is_the_proved_sqrt2_and_sharp():
+    """§4 uses aposteriori.md P4's √2·Lβ, not the paper's 2Lβ: it is attained in the limit, so 2Lβ is loose.
+
+    P4's worst case: V = d = 2, W = L·I, Δh = β(1, −1)/√2, h = (−M, 0), y = token 0 (p_ref(y) → 0 as M → ∞).
+    """
+    L, beta, M = sp.symbols("L beta M", positive=True)
+    a = L * beta / sp.sqrt(2)  # Δz = (a, −a), z = (−LM, 0)
+    shift = a - (sp.log(sp.exp(-L * M + a) + sp.exp(-a)) - sp.log(sp.exp(-L * M) + 1))  # Δ log softmax_0
+    assert sp.simplify(sp.limit(shift, M, sp.oo) - CF["logprob_shift"]) == 0
+    assert sp.simplify(CF["prop2_stated"] / CF["logprob_shift"] - sp.sqrt(2)) == 0
+    # numerically: the bound function is √2·Lβ, the family reaches ≥ 0.999 of it and never exceeds it
+    Lv, bv = 1.7, 0.3
+    f = sp.lambdify(M, shift.subs({L: Lv, beta: bv}), "mpmath")
+    values = [float(f(m)) for m in (1.0, 5.0, 20.0)]
+    assert cd.logprob_shift_bound(Lv, bv) == pytest.approx(np.sqrt(2) * Lv * bv, rel=1e-15)
+    assert values == sorted(values) and values[-1] >= 0.999 * cd.logprob_shift_bound(Lv, bv)
+    assert max(values) <= cd.logprob_shift_bound(Lv, bv)
+    assert cd.prop2_stated(Lv, bv) == pytest.approx(2 * Lv * bv)
+    # the same constant as the lab's credit-link check (aposteriori.credit_link_bound "op_bound", τ = 1)
+    W, dh = Lv * np.eye(2), bv * np.array([[1.0, -1.0]]) / np.sqrt(2)
+    link = aposteriori.credit_link_bound(W, dh, [values[-1]])
+    assert link["op_bound"][0] == pytest.approx(float(cd.logprob_shift_bound(Lv, bv)), rel=1e-12)
+    assert link["prop2_bound"][0] == pytest.approx(float(cd.prop2_stated(Lv, bv)), rel=1e-12)
 
 
 def test_prop2_chain_fallback_and_limit():
     n = 64
     zs = np.array([1e-3, 0.1, 1.0, 10.0, 1e4])
     for p_ in (1.0, 2.0, 3.0):
-        exact = cd.prop2_l1_bound(zs * 1e-8 / 2, n, 1e-8, p_)  # L·β = z ε / 2
+        exact = cd.prop2_l1_bound(zs * 1e-8 / np.sqrt(2), n, 1e-8, p_)  # L·β = z ε / √2
         rho_ = (1 + zs) ** p_
         assert np.all(exact <= 2 * cd.gini_envelope(rho_) + 1e-15)
-        assert np.all(2 * cd.gini_envelope(rho_) <= cd.prop2_rate(zs * 1e-8 / 2, 1e-8, p_) + 1e-15)
-    # Hand value, p = 1, z = 0.1: rate = 0.05.
-    assert cd.prop2_rate(0.05e-8, 1e-8, 1.0) == pytest.approx(0.05)
-    # p = 2, T = 64: fallback for 2Lβ ≤ √(ε/64) − ε ≈ 1.249e-5: exactly uniform credit.
-    assert cd.prop2_l1_bound(0.6e-5, n, p=2.0) == 0.0
-    assert cd.prop2_l1_bound(0.7e-5, n, p=2.0) > 1.9  # just above: nearly unconstrained
-    # β → 0 with fixed ε: random divergence scores in [0, 2Lβ] approach uniform within the bound.
+        assert np.all(2 * cd.gini_envelope(rho_) <= cd.prop2_rate(zs * 1e-8 / np.sqrt(2), 1e-8, p_) + 1e-15)
+    # Hand value, p = 1, z = √2·Lβ/ε = 0.1: rate = 0.05.
+    assert cd.prop2_rate(0.1e-8 / np.sqrt(2), 1e-8, 1.0) == pytest.approx(0.05)
+    # p = 2, T = 64: fallback for √2·Lβ ≤ √(ε/64) − ε ≈ 1.249e-5, i.e. Lβ ≤ 8.83e-6: exactly uniform credit.
+    assert cd.prop2_l1_bound(0.85e-5, n, p=2.0) == 0.0
+    assert cd.prop2_l1_bound(0.9e-5, n, p=2.0) > 1.9  # just above: nearly unconstrained
+    # β → 0 with fixed ε: random divergence scores in [0, √2·Lβ] approach uniform within the bound.
     rng = np.random.default_rng(5)
     for Lb in (1e-6, 1e-9, 1e-11):
-        s = rng.uniform(0, 2 * Lb, (500, n))
+        s = rng.uniform(0, np.sqrt(2) * Lb, (500, n))
         assert np.all(l1(cd.weights(s), 1 / n) <= cd.prop2_l1_bound(Lb, n) + 1e-12)
     assert cd.prop2_l1_bound(1e-11, n) < 3e-3
 
@@ -298,7 +328,7 @@ def test_prop1_counterexample_to_the_stated_form():
     stated = cd.prop1_stated(L, beta, alpha_ref.sum())
     assert stated == pytest.approx(2 / (16 * np.log(2)))
     assert realised > 1.9 * stated
-    # Hypotheses hold: |Δα_t| ≤ 2Lβ = 1 (here 0.281 at most), and so do the corrected bounds.
+    # Hypotheses hold: |Δα_t| ≤ √2·Lβ = 0.707 (here 0.281 at most), and so do the corrected bounds.
     dmax = np.abs(alpha - alpha_ref).max()
     assert dmax <= cd.logprob_shift_bound(L, beta)
     assert realised <= cd.prop1_sup(alpha_ref, dmax) + 1e-12
@@ -464,3 +494,17 @@ def test_theory_imports_without_torch():
         "assert 'torch' not in sys.modules and 'arca_lab' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_the_arca_diagnostics_table_has_one_number_everywhere():
+    """The ARCA paper's Gini/ETR table is its Table 3 (Table 2: accuracy; paper source: the third `table` of
+    sections/06_experiments.tex, `tab:weight-diagnostics`). Every file of the repository must say so."""
+    pattern = re.compile(r"ARCA(?:\s+paper)?(?:'s)?\s+Table\s+(\d)")  # also across a line break
+    files = [REPO / "README.md"]
+    for folder in ("theory", "arca_lab", "notebooks", "benchmarks", "tests"):
+        files += [p for p in (REPO / folder).rglob("*") if p.suffix in {".py", ".md", ".ipynb"}]
+    found = {}
+    for path in files:
+        for number in pattern.findall(path.read_text(errors="ignore")):
+            found.setdefault(number, []).append(str(path.relative_to(REPO)))
+    assert set(found) == {"3"}, found

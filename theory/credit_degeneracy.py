@@ -15,6 +15,7 @@ Notation:
     G = Σ_i (2i − T − 1) w_(i) / (T Σ w), ascending sort;  ETR = (Σ w)² / (T Σ w²)      ARCA paper diagnostics
     two-level vector: k entries equal to ρ, T − k equal to 1 (the extremal configuration, §2)
     δ = max_t |α_t − α_t^ref|;  L = ‖W_lm‖_op;  β = max_t ‖Δh_t‖₂ (ARCA paper Props. 1–2)
+    √2·Lβ: the proved bound on a log-prob shift (theory/aposteriori.md P4); the paper's 2Lβ is √2 looser
 Shapes: scores (..., T) → per-trajectory values (...,); the bounds broadcast over ρ and T.
 """
 
@@ -28,6 +29,12 @@ from numpy.typing import ArrayLike
 
 EPS = 1e-8
 """The paper's floor ε (ARCA paper eq. "normalize")."""
+
+LOGPROB_SHIFT_CONST = float(np.sqrt(2.0))
+"""|Δ log π(y_t)| ≤ range(W_lm Δh_t) ≤ √2·L·‖Δh_t‖ (theory/aposteriori.md P4; √2 is best possible)."""
+
+PAPER_PROP2_CONST = 2.0
+"""The ARCA paper's Prop. 2 constant (α^div ≤ 2Lβ): valid but √2 loose (P4); kept only as the cited value."""
 
 REGIMES = ("fallback-uniform", "near-uniform", "tied", "free")
 """Labels `predict_regime` returns, from most to least constrained."""
@@ -201,26 +208,35 @@ def l1_to_uniform_bound(power_sum: ArrayLike, T: ArrayLike, eps: float = EPS, p:
 
 
 def logprob_shift_bound(L: ArrayLike, beta: ArrayLike) -> np.ndarray:
-    """|Δ log softmax(z)_y| ≤ max Δz − min Δz ≤ 2‖Δz‖₂ ≤ 2Lβ when ‖Δh‖₂ ≤ β, z = W_lm h (§4)."""
-    return 2.0 * np.asarray(L, dtype=float) * np.asarray(beta, dtype=float)
+    """|Δ log softmax(z)_y| ≤ range(Δz) ≤ √2·L·β when ‖Δh‖₂ ≤ β, z = W_lm h (theory/aposteriori.md P4, §4).
+
+    range(W Δh) = max_ij (w_i − w_j)·Δh ≤ max_ij ‖Wᵀ(e_i − e_j)‖·β ≤ √2 L β; √2 is best possible (P4's
+    worst case). The ARCA paper's Prop. 2 states 2Lβ (`prop2_stated`): valid, √2 looser.
+    """
+    return LOGPROB_SHIFT_CONST * np.asarray(L, dtype=float) * np.asarray(beta, dtype=float)
+
+
+def prop2_stated(L: ArrayLike, beta: ArrayLike) -> np.ndarray:
+    """The ARCA paper's Prop. 2 bound 0 ≤ α^div ≤ 2Lβ, as cited: √2 looser than `logprob_shift_bound`."""
+    return PAPER_PROP2_CONST * np.asarray(L, dtype=float) * np.asarray(beta, dtype=float)
 
 
 def prop2_l1_bound(L_beta: ArrayLike, T: ArrayLike, eps: float = EPS, p: float = 1.0) -> np.ndarray:
-    """‖w^div − u‖₁ for divergence scores 0 ≤ α ≤ 2Lβ (ARCA paper Prop. 2), made explicit (§4):
+    """‖w^div − u‖₁ for divergence scores 0 ≤ α ≤ √2·Lβ (ARCA paper Prop. 2 with the P4 constant), explicit (§4):
 
-    0 if T (2Lβ + ε)^p ≤ ε (every such vector falls back),  else l1_ratio_bound((1 + 2Lβ/ε)^p, T).
+    0 if T (√2Lβ + ε)^p ≤ ε (every such vector falls back),  else l1_ratio_bound((1 + √2Lβ/ε)^p, T).
     """
     _check_eps_p(eps, p)
-    b = 2.0 * np.asarray(L_beta, dtype=float)
+    b = logprob_shift_bound(1.0, L_beta)
     T = np.asarray(T)
     bound = l1_ratio_bound(weight_ratio(np.zeros_like(b), b, eps, p), T)
     return np.where(T * (b + eps) ** p <= eps, 0.0, bound)
 
 
 def prop2_rate(L_beta: ArrayLike, eps: float = EPS, p: float = 1.0) -> np.ndarray:
-    """Explicit rate ‖w^div − u‖₁ ≤ ((1 + 2Lβ/ε)^p − 1)/2 (≥ `prop2_l1_bound`; ≈ pLβ/ε as β → 0; §4)."""
+    """Explicit rate ‖w^div − u‖₁ ≤ ((1 + z)^p − 1)/2, z = √2·Lβ/ε (≥ `prop2_l1_bound`; ≈ pLβ/(√2 ε), §4)."""
     _check_eps_p(eps, p)
-    return ((1.0 + 2.0 * np.asarray(L_beta, dtype=float) / eps) ** p - 1.0) / 2.0
+    return ((1.0 + logprob_shift_bound(1.0, L_beta) / eps) ** p - 1.0) / 2.0
 
 
 # ------------------------------------------------------------------ ARCA paper Prop. 1 (§5)
@@ -232,7 +248,7 @@ def prop1_stated(L: ArrayLike, beta: ArrayLike, ref_score_sum: ArrayLike) -> np.
 
 
 def prop1_bound_p1(T: ArrayLike, delta: ArrayLike, ref_score_sum: ArrayLike, eps: float = EPS) -> np.ndarray:
-    """Corrected Prop. 1, p = 1: ‖w − w^ref‖₁ ≤ min(2, 2Tδ / (Σ_t α_t^ref + Tε)) (§5); surprisal: δ ≤ 2Lβ."""
+    """Corrected Prop. 1, p = 1: ‖w − w^ref‖₁ ≤ min(2, 2Tδ / (Σ_t α_t^ref + Tε)) (§5); surprisal: δ ≤ √2·Lβ."""
     T = np.asarray(T, dtype=float)
     return np.minimum(2.0, 2.0 * T * np.asarray(delta, dtype=float) / (np.asarray(ref_score_sum) + T * eps))
 
@@ -384,7 +400,7 @@ def predict_regime(
 def closed_forms() -> dict[str, sp.Expr]:
     """The closed forms above as sympy expressions.
 
-    Positive symbols k, T, rho, S, eps, p, delta, a_sum (= Σ α^ref), L, beta, z (= 2Lβ/ε); the *_x entries are
+    Positive symbols k, T, rho, S, eps, p, delta, a_sum (= Σ α^ref), L, beta, z (= √2·Lβ/ε); the *_x entries are
     fractions x = k/T. Tests derive them from the definitions and check `simplify(derived − expected) == 0`.
     """
     k, T, rho, S, eps, p, delta, a_sum, L, beta, z = sp.symbols(
@@ -404,4 +420,6 @@ def closed_forms() -> dict[str, sp.Expr]:
         "prop2_rate": ((1 + z) ** p - 1) / 2,
         "prop1_p1": 2 * T * delta / (a_sum + T * eps),
         "prop1_stated": 4 * L * beta / a_sum,
+        "logprob_shift": sp.sqrt(2) * L * beta,  # aposteriori.md P4
+        "prop2_stated": 2 * L * beta,  # the paper's constant, cited
     }
