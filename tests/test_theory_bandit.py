@@ -184,6 +184,29 @@ def test_bounds_hold_on_a_late_phase_run_with_a_decaying_schedule():
     assert res["holds"] and np.all(res["ratio"] > 0) and np.all(res["ratio"] <= 1)
 
 
+@pytest.mark.parametrize("field", ["kl_ref_theta", "kl_theta_ref", "ball_kl_ref_theta", "ball_kl_theta_ref"])
+def test_a_nan_measurement_fails_the_bound_check(field):
+    # A NaN KL (e.g. an overflow in the simulator) must be a failure, never read as 0 and reported as "holds".
+    run = simulate(replace(SPEC, steps=2), [0, 1], track_every=1)
+    assert check_run_bounds(run)["holds"]
+    values = getattr(run, field).copy()
+    values[1, ...] = np.nan  # seed 1; every tracked step for the per-step measures
+    res = check_run_bounds(replace(run, **{field: values}))
+    assert res["holds"] is False
+    assert res["rel_margin"][1] == -np.inf and res["rel_margin"][0] > 0  # seed 0 is untouched
+    if field.startswith("ball"):
+        assert np.isnan(res["measured"][1]) and np.isnan(res["ratio"][1])
+
+
+def test_zero_over_zero_is_zero_but_kl_over_a_zero_bound_fails():
+    # lr = 0: nothing moves and the bound is exactly 0, so 0/0 is "holds" (ratio 0), not NaN
+    still = check_run_bounds(simulate(replace(SPEC, lr=0.0, steps=2), [0]))
+    assert still["holds"] and still["ratio"][0] == 0.0
+    run = simulate(replace(SPEC, lr=0.0, steps=2), [0])
+    moved = replace(run, ball_kl_ref_theta=np.array([1e-3]))
+    assert check_run_bounds(moved)["holds"] is False
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

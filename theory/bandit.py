@@ -441,6 +441,7 @@ def check_run_bounds(run: BanditRun) -> dict[str, Any]:
     with the a-priori range bound ρ. Returns arrays over seeds: `measured` (final ball KL, max of the two
     directions), `bound` (final KL bound), `ratio` = measured/bound, `range_ratio` = exact range / ρ,
     `rel_margin` = 1 − max ratio over every compared pair (steps ≥ 1, both directions, range), and `holds`.
+    A NaN measurement or bound is a failure (`holds` False, margin −inf), never read as 0.
     """
     spec, S = run.spec, run.seeds.size
     # A t-step run of "linear"/"cosine" has different multipliers than the first t steps of a T-step run
@@ -462,28 +463,34 @@ def check_run_bounds(run: BanditRun) -> dict[str, Any]:
         ]
     )
     rho = (b["logit_range"] * np.ones((S, 1)))[:, -1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        later = run.track_steps >= 1  # after 0 steps bound and KL are both exactly 0
-        pairs = [
-            run.kl_ref_theta[:, later] / fwd[:, later],
-            run.kl_theta_ref[:, later] / bwd[:, later],
-            (run.ball_kl_ref_theta / fwd[:, -1])[:, None],
-            (run.ball_kl_theta_ref / bwd[:, -1])[:, None],
-            (exact_range / rho)[:, None],
-        ]
-        worst = np.max(
-            np.concatenate([np.nan_to_num(p, nan=0.0, posinf=np.inf) for p in pairs], axis=1), axis=1
-        )
-        measured = np.maximum(run.ball_kl_ref_theta, run.ball_kl_theta_ref)
-        bound = np.minimum(fwd[:, -1], bwd[:, -1])
-        ratio = measured / bound
-        range_ratio = exact_range / rho
+    later = run.track_steps >= 1  # after 0 steps bound and KL are both exactly 0
+    pairs = [
+        _ratio(run.kl_ref_theta[:, later], fwd[:, later]),
+        _ratio(run.kl_theta_ref[:, later], bwd[:, later]),
+        _ratio(run.ball_kl_ref_theta, fwd[:, -1])[:, None],
+        _ratio(run.ball_kl_theta_ref, bwd[:, -1])[:, None],
+        _ratio(exact_range, rho)[:, None],
+    ]
+    # A NaN ratio (a NaN measurement or bound) is a failure: it counts as +inf, never as 0.
+    all_pairs = np.concatenate(pairs, axis=1)
+    worst = np.max(np.where(np.isnan(all_pairs), np.inf, all_pairs), axis=1)
+    measured = np.maximum(run.ball_kl_ref_theta, run.ball_kl_theta_ref)  # NaN if either is NaN
+    bound = np.minimum(fwd[:, -1], bwd[:, -1])
     return {
         "measured": measured,
         "bound": bound,
-        "ratio": np.nan_to_num(ratio, nan=0.0),
-        "range_ratio": np.nan_to_num(range_ratio, nan=0.0),
+        "ratio": _ratio(measured, bound),  # NaN stays NaN
+        "range_ratio": _ratio(exact_range, rho),
         "rel_margin": 1.0 - worst,
         "abs_margin": bound - measured,
         "holds": bool(np.all(worst <= 1.0)),
     }
+
+
+def _ratio(measured: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """measured / bound, with 0/0 = 0 (nothing moved, nothing allowed: holds), x/0 = inf for x > 0, and NaN
+    wherever either side is NaN (never mapped to a number: `check_run_bounds` counts it as a failure)."""
+    m, b = np.broadcast_arrays(np.asarray(measured, dtype=float), np.asarray(bound, dtype=float))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = m / b
+    return np.where((m == 0) & (b == 0), 0.0, r)
