@@ -9,7 +9,8 @@ Sources:
   per-token K(range(z_t)/τ) from the measured shift itself, ‖x_t‖ ≤ R) are kept apart from the bounds verified.
 - Rank exponent γ in E[KL] ∝ r^γ: `theory.rank_scaling.predict_gamma` (prediction, measure "mean": the mean
   KL over contexts, theory/rank_scaling.md §3.4, §6) and `fit_gamma` (least-squares slope of log mean-over-seeds
-  KL on log r, seed-bootstrap percentile CI, §8).
+  KL on log r; 95 % interval with the seed as the unit, jackknife + Student-t, none below 3 seeds: theory/stats.py,
+  §8).
 - Credit regimes: `theory.credit_degeneracy.predict_regime` per completion, from the range of its raw scores
   (theory/credit_degeneracy.md §2, §6); Gini and ETR as in the ARCA paper (arXiv 2606.00257, diagnostics).
 - Reference values: ARCA paper Table 3 (`ARCA_TABLE3`).
@@ -23,6 +24,7 @@ Notation:
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -138,16 +140,26 @@ def run_points(cube: xr.Dataset, last_steps: int = 3) -> pd.DataFrame:
 def gamma_table(
     points: pd.DataFrame,
     group_by: Sequence[str] = ("arm", "alpha_rule", "credit", "beta"),
-    n_boot: int = 2000,
-    seed: int = 0,
+    n_boot: int | None = None,
+    seed: int | None = None,
+    level: float = 0.95,
 ) -> pd.DataFrame:
     """Fitted vs predicted rank exponent γ of the last-steps mean KL, per group and KL direction.
 
     Groups with fewer than 2 ranks are left out; seeds missing a rank of their group are dropped (the fit pairs
     ranks within a seed). The prediction needs one optimiser, scaling and clip regime per group (else NaN) and
-    is the single-layer theory's (exact for the head arm, a reference for the all-linear arm).
+    is the single-layer theory's (exact for the head arm, a reference for the all-linear arm). The interval
+    (lo, hi) is `theory.rank_scaling.fit_gamma`'s at `level`, the seed as the unit; with fewer than 3 seeds it
+    is NaN and `note` says why. `n_boot` and `seed` are ignored (there is no bootstrap any more) and warn.
     """
     from theory.rank_scaling import fit_gamma, predict_gamma
+
+    if n_boot is not None or seed is not None:
+        warnings.warn(
+            "gamma_table: n_boot and seed are ignored (seed-unit Student-t interval, no bootstrap)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
 
     keys = [k for k in group_by if k in points.columns]
     out = []
@@ -188,10 +200,10 @@ def gamma_table(
             if len(table) == 0 or (table.values <= 0).any():
                 row["note"] = "no fit: a rank has no run in every seed, or a KL is 0"
             else:
-                fit = fit_gamma(table.columns.values, table.values, n_boot=n_boot, seed=seed)
-                row.update(gamma_fit=fit.gamma, lo=fit.lo, hi=fit.hi)
-                if len(table) < 2:  # resampling one seed always gives the same fit: no interval at all
-                    row.update(lo=math.nan, hi=math.nan, note="one seed: no confidence interval")
+                fit = fit_gamma(table.columns.values, table.values, level=level)
+                row.update(gamma_fit=fit.estimate, lo=fit.lo, hi=fit.hi)
+                if not fit.has_interval:  # fewer than 3 seeds: no interval rather than a narrow one
+                    row.update(note="; ".join(n for n in (note, fit.reason) if n))
             out.append(row)
     return pd.DataFrame(out)
 

@@ -24,6 +24,32 @@ def test_quick_check_passes_and_prints_the_table(capsys):
     assert HEADER in out
     assert "violations: 0 / 12" in out
     assert "== gamma: predicted vs fitted" in out and "smallest relative margin" in out
+    assert "21/21 rows agree" in out and "effective independent tests" in out
+    assert "pred(d),snr,T=2" in out  # clipped SGD rows carry their post-hoc tags (rank_scaling.md §9)
+
+
+def test_shifted_gamma_predictions_make_the_quick_check_fail(capsys):
+    # --shift-gamma 1 adds 1 to every prediction: the seed-unit intervals of 5 seeds must exclude it
+    assert main([*QUICK, "--shift-gamma", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "SOME CHECKS FAILED" in out and "bounds hold" in out  # the bounds are not what failed
+    assert "gamma disagrees for sgd/inactive/alpha/r/2r/V=2" in out and "outside" in out
+
+
+def test_without_an_interval_the_tolerance_rule_decides(capsys):
+    # 2 seeds: no interval (MIN_SEEDS = 3), so |fit - pred(d)| <= 0.5 decides; a shift of 1 cannot pass it
+    assert main(["check", "--quick", "--seeds", "2", "--random", "3", "--shift-gamma", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "no confidence interval (needs >= 3)" in out and "> 0.5" in out
+
+
+@pytest.mark.slow
+def test_full_check_passes_and_fails_when_shifted(capsys):
+    # The full check (48 seeds, half-width <= 0.15 enforced) also runs in CI (.ci/run); ~20-30 s each.
+    assert main(["check"]) == 0
+    assert main(["check", "--shift-gamma", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "0/21 rows agree" in out
 
 
 def test_a_halved_bound_makes_check_fail(capsys, monkeypatch):
@@ -41,7 +67,7 @@ def test_a_halved_bound_makes_check_fail(capsys, monkeypatch):
 
 def test_bad_arguments_exit_with_usage_error():
     with pytest.raises(SystemExit) as exc:
-        main(["check", "--seeds", "2"])
+        main(["check", "--seeds", "1"])
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
-        main(["check", "--boot", "10"])
+        main(["check", "--shift-gamma", "nan"])
