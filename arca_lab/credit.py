@@ -222,8 +222,9 @@ def compute_credit_weights(
       ref_per_token_logps): the ARCA paper's output-distribution baselines.
     - "arca" (h_adapted, h_base): ‖h^adapted − h^base‖₂, (B, T, d) or per layer (L, B, T, d) reduced with
       `layer_aggregate`.
-    - "arca_branch" (branch_norms (L, B, T) or (B, T)): the LoRA-branch norms ‖s·B_ℓ A_ℓ x_ℓ,t‖ of Prop. 3 of
-      the ARCA paper, reduced over layers with `layer_aggregate` (our variant).
+    - "arca_branch" (branch_norms (B, T), or (L, B, T) reduced with `layer_aggregate`): the trainer passes
+      ‖J_N(u_t) D_t‖, the residual writers' summed LoRA outputs D_t through the final norm's Jacobian
+      (`arca_lab.branch`, theory/arca_branch.md): the direct-path part of ARCA's residual (our variant).
 
     Both outputs are detached (the paper's weights are constants in the gradient), float32, and 0 at invalid
     positions.

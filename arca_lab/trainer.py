@@ -36,7 +36,7 @@ import math
 import re
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from trl import GRPOConfig, GRPOTrainer
 
+from arca_lab.branch import branch_capture, find_residual_writers, first_order_residual
 from arca_lab.credit import (
     CREDITS,
     LAYER_AGGREGATES,
@@ -60,7 +61,6 @@ from arca_lab.models import (
     base_head,
     decoder_layers,
     dropout_sources,
-    final_norm,
     head_logits,
     lm_head_module_name,
     lm_head_of,
@@ -158,7 +158,9 @@ class ArcaGRPOTrainer(GRPOTrainer):
         self._base_head = base_head(policy)
         self._backbone = backbone_of(policy)
         self._layers = self._arca_layer_modules(policy)
-        self._branches = self._lora_branches(policy) if cfg.credit == "arca_branch" else []
+        # arca_branch: the LoRA layers that write into the residual stream and the final norm, verified on one
+        # probe forward (arca_lab.branch; raises naming the fix when no writer carries LoRA).
+        self._writers = find_residual_writers(policy) if cfg.credit == "arca_branch" else None
         if cfg.credit == "arca" and self._is_peft and not self._backbone_adapted(policy):
             # The full sweep's head-only ARCA runs measured Gini 0 / ETR 1: the credit is exactly uniform.
             warnings.warn(
@@ -167,7 +169,6 @@ class ArcaGRPOTrainer(GRPOTrainer):
                 "adapt layers inside the model (target_modules='all-linear') for ARCA to carry a signal",
                 stacklevel=2,
             )
-        self._final_norm = final_norm(policy)
         self._transform = logit_transform(policy)  # softcap / logit scale, as TRL's fused head applies them
         self._head_w32: torch.Tensor | None = (
             None  # float32 copy of the frozen output weight, made on first use
@@ -367,13 +368,9 @@ class ArcaGRPOTrainer(GRPOTrainer):
         base_rows = inputs.get("base_rows", no_rows)
         probe_rows = inputs.get("probe_rows", no_rows)
         stats = self._head_stats(h_last, h_base_last, ids, mask, base_rows)
-        branch = None
-        if self._branches:
-            branch = torch.stack([b[:, -T - 1 : -1] for b in store["branches"]])  # (L, B, T)
-            if "norm_rms" in store:
-                # To first order, exact ARCA ||norm(h + D) - norm(h)|| = ||g * D|| / rms(h): the final norm
-                # rescales each token's residual by 1 / rms(h_t), so the branch norms are scaled the same way.
-                branch = branch / store["norm_rms"][:, -T - 1 : -1].clamp_min(1e-12)
+        # arca_branch: ||J_N(u_t) D_t||, the residual writers' LoRA outputs through the final norm's Jacobian: the
+        # direct-path part of ARCA's residual, not ARCA to first order in general (theory/arca_branch.md).
+        branch = first_order_residual(store["branch"], T) if "branch" in store else None  # (B, T)
         weights, scores = compute_credit_weights(
             cfg.credit,
             completion_mask=mask,
@@ -525,35 +522,19 @@ class ArcaGRPOTrainer(GRPOTrainer):
     def _backbone_adapted(policy: nn.Module) -> bool:
         return any(isinstance(m, LoraLayer) for m in backbone_of(policy).modules())
 
-    @staticmethod
-    def _lora_branches(policy: nn.Module) -> list[LoraLayer]:
-        layers = [m for m in backbone_of(policy).modules() if isinstance(m, LoraLayer)]
-        if not layers:
-            raise ValueError(
-                "credit='arca_branch' needs LoRA layers inside the backbone (not only on lm_head)"
-            )
-        return layers
-
     @contextmanager
     def _capture(
         self, policy: nn.Module, on_done: Callable[[dict], None] | None = None, branches: bool = False
     ) -> Iterator[dict[str, Any]]:
         """Forward hooks storing detached hidden states; `on_done` runs when the backbone returns."""
-        store: dict[str, Any] = {"layers": [], "branches": []}
-        handles = []
+        store: dict[str, Any] = {"layers": []}
+        handles, stack = [], ExitStack()
         for layer in self._layers:
             handles.append(
                 layer.register_forward_hook(lambda m, a, o: store["layers"].append(_first(o).detach()))
             )
-        if branches and self._branches:
-            for lora in self._branches:
-                handles.append(_register_branch_hook(lora, store["branches"]))
-            if self._final_norm is not None:
-
-                def norm_input_hook(module, args):
-                    store["norm_rms"] = args[0].detach().float().pow(2).mean(-1).sqrt()  # (B, P + T)
-
-                handles.append(self._final_norm.register_forward_pre_hook(norm_input_hook))
+        if branches and self._writers is not None:  # D and u, filled before on_done runs
+            store["branch"] = stack.enter_context(branch_capture(policy, self._writers))
 
         def backbone_hook(module, args, output):
             store["last"] = _first(output).detach()  # (B, P + T, d) after the final norm
@@ -566,6 +547,7 @@ class ArcaGRPOTrainer(GRPOTrainer):
         finally:
             for h in handles:
                 h.remove()
+            stack.close()
 
     @staticmethod
     def _layer_states(store: dict[str, Any], T: int) -> torch.Tensor:
@@ -691,16 +673,6 @@ class _MergedHeadView:
     @property
     def bias(self) -> torch.Tensor | None:
         return self.layer.base_layer.bias
-
-
-def _register_branch_hook(lora: LoraLayer, sink: list[torch.Tensor]):
-    """Per-token norm of one module's LoRA contribution ||s B A x_t|| (ARCA paper Prop. 3 decomposition)."""
-    name = lora.active_adapters[0]
-
-    def hook(module, args, output):
-        sink.append((output.detach().float() * lora.scaling[name]).norm(dim=-1))  # (B, P + T)
-
-    return lora.lora_B[name].register_forward_hook(hook)
 
 
 def _scatter_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
