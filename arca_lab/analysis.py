@@ -24,7 +24,6 @@ Notation:
 from __future__ import annotations
 
 import math
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,8 +47,8 @@ ARCA_TABLE3: dict[tuple[str, int], tuple[float, float]] = {
 DIRECTIONS = ("kl_policy_ref", "kl_ref_policy")
 STEP_METRICS = {
     "reward": "reward",
-    "kl_policy_ref_mean": "kl_kl_policy_ref_mean",
-    "kl_ref_policy_mean": "kl_kl_ref_policy_mean",
+    "kl_policy_ref_mean": "kl_policy_ref_mean",
+    "kl_ref_policy_mean": "kl_ref_policy_mean",
     "gini": "credit_gini",
     "etr": "credit_etr",
     "effn": "credit_effn",
@@ -112,7 +111,7 @@ def run_points(cube: xr.Dataset, last_steps: int = 3) -> pd.DataFrame:
         for col, var in STEP_METRICS.items():
             row[col] = float(last[var].mean()) if var in p else math.nan
         for d in DIRECTIONS:  # the largest per-token KL the probe saw in any step
-            row[f"{d}_max"] = float(p[f"kl_{d}_max"].max()) if f"kl_{d}_max" in p else math.nan
+            row[f"{d}_max"] = float(p[f"{d}_max"].max()) if f"{d}_max" in p else math.nan
         for when in ("before", "after"):
             row[f"acc_{when}"] = (
                 float(p[f"greedy_accuracy_{when}"]) if f"greedy_accuracy_{when}" in p else math.nan
@@ -140,8 +139,6 @@ def run_points(cube: xr.Dataset, last_steps: int = 3) -> pd.DataFrame:
 def gamma_table(
     points: pd.DataFrame,
     group_by: Sequence[str] = ("arm", "alpha_rule", "credit", "beta"),
-    n_boot: int | None = None,
-    seed: int | None = None,
     level: float = 0.95,
 ) -> pd.DataFrame:
     """Fitted vs predicted rank exponent γ of the last-steps mean KL, per group and KL direction.
@@ -150,16 +147,9 @@ def gamma_table(
     ranks within a seed). The prediction needs one optimiser, scaling and clip regime per group (else NaN) and
     is the single-layer theory's (exact for the head arm, a reference for the all-linear arm). The interval
     (lo, hi) is `theory.rank_scaling.fit_gamma`'s at `level`, the seed as the unit; with fewer than 3 seeds it
-    is NaN and `note` says why. `n_boot` and `seed` are ignored (there is no bootstrap any more) and warn.
+    is NaN and `note` says why.
     """
     from theory.rank_scaling import fit_gamma, predict_gamma
-
-    if n_boot is not None or seed is not None:
-        warnings.warn(
-            "gamma_table: n_boot and seed are ignored (seed-unit Student-t interval, no bootstrap)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
 
     keys = [k for k in group_by if k in points.columns]
     out = []
@@ -237,7 +227,7 @@ def predicted_line(ranks: Sequence[float], values: Sequence[float], gamma: float
 def series_axes(cube: xr.Dataset) -> list[str]:
     """What tells the lines of one KL-vs-rank panel apart: credit, then any extra grid axis such as beta (a
     merl sweep must not average its beta = 0 and beta = 0.05 runs into one curve)."""
-    from arca_lab.sweep_grid import AXES
+    from arca_lab.sweep.grid import AXES
 
     return ["credit", *(a for a in sweep_axes(cube) if a not in AXES)]
 
@@ -308,7 +298,7 @@ def gamma_caption(
 def run_dirs_by_id(sweep_dir: str | Path, cube: xr.Dataset) -> dict[str, Path]:
     """run_id -> run directory, for the runs below `sweep_dir` (the id recomputed from each run's config)."""
     from arca_lab.config import RunConfig
-    from arca_lab.sweep_grid import AXES, axis_values_of, run_id
+    from arca_lab.sweep.grid import AXES, axis_values_of, run_id
     from arca_lab.verify import find_runs
 
     extra = [a for a in sweep_axes(cube) if a not in AXES]

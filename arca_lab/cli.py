@@ -8,7 +8,9 @@
     arca-lab verify-bound RUN_OR_SWEEP_DIR                         # KL bounds vs trained adapters
     arca-lab report SWEEP_DIR                                      # re-execute the analysis notebook
 
-`train --help` lists every RunConfig field with its docstring.
+`train --help` lists every RunConfig field with its docstring. Exit statuses are the same for every command
+(`arca_lab.exit_codes`): 0 success, 1 a check failed, 64 bad input (before anything runs), and for `sweep` the
+number of failed runs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from arca_lab.config import PRESETS, RunConfig, field_docs, make_config
+from arca_lab.exit_codes import EX_USAGE, UsageParser
 
 
 def _parse_optional_float(text: str) -> float | None:
@@ -43,9 +46,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="arca-lab", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = UsageParser(prog="arca-lab", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run one GRPO + LoRA fine-tune with token credit")
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as err:
         print(f"arca-lab {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EX_USAGE
     return 0
 
 

@@ -54,6 +54,7 @@ import xarray as xr
 from peft import PeftModel
 
 from arca_lab.config import HF_LR_SCHEDULERS, RunConfig
+from arca_lab.exit_codes import EX_USAGE, UsageParser
 from arca_lab.heldout_kl import TokenMeasurement, measure_tokens
 from arca_lab.models import base_head, lm_head_module_name, lm_head_of, load_policy
 from arca_lab.results import load_run
@@ -493,10 +494,10 @@ def check_summary(rows: list[BoundRow], scale_inputs: float = 1.0) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = UsageParser(
         prog="arca-lab verify-bound",
         description="Check the theory's KL bounds against trained adapters (a run directory, or every run below "
-        "a sweep directory). Exit 0 if every check holds, 1 if any fails (lemma checks too), 2 on bad input.",
+        "a sweep directory). Exit 0 if every check holds, 1 if any fails (lemma checks too), 64 on bad input.",
     )
     p.add_argument("path", type=Path, help="a run directory (config.json + run.nc) or a sweep directory")
     p.add_argument(
@@ -509,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale-inputs",
         type=float,
         default=1.0,
-        help="multiply every bound's magnitude input (R, dW, dh) by this; 0.5 must give violations",
+        help="multiply every check's magnitude input (R, dW, dh) by this: a falsification test (0.5 makes the "
+        "lemma checks fail on trained adapters; the bound checks, 10-1000x loose there, may still hold)",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default: the run's")
     p.add_argument(
@@ -543,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
             ).rows
     except (ValueError, FileNotFoundError) as err:
         print(f"arca-lab verify-bound: error: {err}", file=sys.stderr)
-        return 2
+        return EX_USAGE
     print(format_table(rows))
     if args.csv is not None:
         with args.csv.open("w", newline="") as f:

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from arca_lab.cli import main
 from arca_lab.config import make_config
+from arca_lab.exit_codes import EX_USAGE
 from arca_lab.results import load_run
 from arca_lab.run import train
 from arca_lab.testing import make_tiny_causal_lm
@@ -106,7 +107,7 @@ def test_cli_help_lists_config_docstrings(capsys):
     ],
 )
 def test_cli_rejects_bad_input(tmp_path, capsys, args, message):
-    assert main(["train", "--out", str(tmp_path / "x"), *args]) == 2
+    assert main(["train", "--out", str(tmp_path / "x"), *args]) == EX_USAGE
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -115,7 +116,7 @@ def test_existing_output_is_kept(tiny_model_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "done"
     out.mkdir()
     (out / "run.nc").write_text("finished results")
-    assert main(["train", "--model", str(tiny_model_dir), "--out", str(out)]) == 2
+    assert main(["train", "--model", str(tiny_model_dir), "--out", str(out)]) == EX_USAGE
     assert "--overwrite" in capsys.readouterr().err
     # --overwrite whose run fails (NaN reward) leaves the finished directory untouched
     import arca_lab.tasks.arith as arith

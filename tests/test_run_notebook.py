@@ -37,7 +37,9 @@ def test_committed_notebook_is_stripped_and_its_parameters_are_runconfig():
     tagged = [c for c in code if "parameters" in c["metadata"].get("tags", [])]
     assert len(tagged) == 1
     # The cell is exactly what the generator writes from RunConfig today: a new field fails this test.
-    assert "".join(tagged[0]["source"]) == "\n".join(parameter_lines()), "run `python -m arca_lab.sweep.execute`"
+    assert "".join(tagged[0]["source"]) == "\n".join(parameter_lines()), (
+        "run `python -m arca_lab.sweep.execute`"
+    )
 
     declared = pm.inspect_notebook(str(RUN_NOTEBOOK))
     names = [f.name for f in fields(RunConfig)]

@@ -19,12 +19,12 @@ import nbformat
 import numpy as np
 import pytest
 
-from arca_lab.sweep import execute as sweep_exec
-from arca_lab.sweep import grid as sweep_grid
 from arca_lab.config import make_config
 from arca_lab.results import load_run, write_netcdf
 from arca_lab.run import train
 from arca_lab.sweep import EX_USAGE, combine_runs, combine_sweep, load_sweep, main, report_main, run_sweep
+from arca_lab.sweep import execute as sweep_exec
+from arca_lab.sweep import grid as sweep_grid
 from arca_lab.sweep.grid import (
     ARM_FACTOR,
     COST,

@@ -21,6 +21,7 @@ from filelock import FileLock
 from arca_lab import verify
 from arca_lab.config import HF_LR_SCHEDULERS as SCHEDULES
 from arca_lab.config import make_config
+from arca_lab.exit_codes import EX_USAGE
 from arca_lab.heldout_kl import effective_gain, final_norm
 from arca_lab.results import load_run
 from arca_lab.run import grpo_args, train
@@ -254,15 +255,15 @@ def test_cli_passes_and_halved_inputs_fail(sweep, capsys, tmp_path):
 
 def test_not_a_run_directory_is_a_clear_error(tmp_path, sweep, capsys):
     (tmp_path / "empty").mkdir()
-    assert main([str(tmp_path / "empty")]) == 2
+    assert main([str(tmp_path / "empty")]) == EX_USAGE
     assert "neither a run directory" in capsys.readouterr().err
     half = tmp_path / "half"
     half.mkdir()
     shutil.copy(sweep / "runs" / HEAD / "config.json", half / "config.json")  # no run.nc
-    assert main([str(half)]) == 2
-    assert main([str(tmp_path / "missing")]) == 2
+    assert main([str(half)]) == EX_USAGE
+    assert main([str(tmp_path / "missing")]) == EX_USAGE
     assert "is not a directory" in capsys.readouterr().err
-    assert main([str(sweep / "runs" / HEAD), "--scale-inputs", "0"]) == 2
+    assert main([str(sweep / "runs" / HEAD), "--scale-inputs", "0"]) == EX_USAGE
     with pytest.raises(ValueError, match=r"config\.json and run\.nc"):
         verify_run(half)
 

@@ -1,7 +1,7 @@
 """`arca-lab sweep` and `arca-lab report` (the sweep package's command line; layout and API in its docstring).
 
-Exit status: the number of failed runs (+1 if the analysis notebook failed); 64 (EX_USAGE) for bad input, before
-anything runs.
+Exit status (`arca_lab.exit_codes`): the number of failed runs (+1 if the analysis notebook failed); 64 for bad
+input, before anything runs; 75 when another sweep or report holds the directory's lock.
 """
 
 from __future__ import annotations
@@ -12,24 +12,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from arca_lab.exit_codes import EX_TEMPFAIL, EX_USAGE, UsageParser
 from arca_lab.sweep.cube import (
     SUMMARY_LAST_STEPS,
     format_table,
 )
-from arca_lab.sweep.grid import AXES, SWEEP_PRESETS, Grid, make_grid, parse_assignments, parse_field_value
-from arca_lab.sweep.runner import SweepOutcome, combine_sweep, run_sweep
+from arca_lab.sweep.grid import (
+    AXES,
+    COST,
+    SWEEP_PRESETS,
+    Grid,
+    make_grid,
+    parse_assignments,
+    parse_field_value,
+)
+from arca_lab.sweep.runner import SweepLocked, SweepOutcome, combine_sweep, run_sweep, sweep_lock
 
 # ---------------------------------------------------------------------------------------------------- CLI
-EX_USAGE = 64
-"""Exit status for bad input (nothing was run); 0..63 count failed runs."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(
-        self, message: str
-    ):  # bad arguments exit with EX_USAGE, not 2 (which would mean "2 runs failed")
-        self.print_usage(sys.stderr)
-        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+_Parser = UsageParser
 
 
 def _split(values: Sequence[str] | None) -> list[str] | None:
@@ -163,11 +163,14 @@ def main(argv: list[str] | None = None) -> int:
             submitit_parameters=params,
             preset=args.preset,
         )
+    except SweepLocked as err:
+        print(f"arca-lab sweep: error: {err}", file=sys.stderr)
+        return EX_TEMPFAIL
     except (ValueError, FileNotFoundError, PermissionError) as err:
         print(f"arca-lab sweep: error: {err}", file=sys.stderr)
         return EX_USAGE
     if not args.dry_run:
-        _print_outcome(outcome, SWEEP_PRESETS[args.preset].description)
+        _print_outcome(outcome, grid.describe())
     return outcome.exit_code
 
 
@@ -200,14 +203,27 @@ def report_main(argv: list[str] | None = None) -> int:
         )
         return EX_USAGE
     try:
-        cube, rows = combine_sweep(out)
+        with sweep_lock(out):
+            print(f"arca-lab report: combining the finished runs of {out} ...", file=sys.stderr, flush=True)
+            cube, rows = combine_sweep(out)
+            if cube is None:
+                print(f"arca-lab report: error: {out} has no finished runs yet", file=sys.stderr)
+                return EX_USAGE
+            n = int(cube["has_run"].sum())
+            seconds = COST["analysis"] + COST["analysis_per_run"] * n  # the cost model's analysis term
+            print(
+                f"arca-lab report: {n} runs combined; executing the analysis notebook (verify-bound on every "
+                f"run; estimated {seconds:.0f} s) ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            path, error = execute_analysis(out)
+    except SweepLocked as err:
+        print(f"arca-lab report: error: {err}", file=sys.stderr)
+        return EX_TEMPFAIL
     except (ValueError, OSError) as err:  # e.g. a run.nc from another grid or format, an unwritable directory
         print(f"arca-lab report: error: cannot combine the runs of {out}: {err}", file=sys.stderr)
         return EX_USAGE
-    if cube is None:
-        print(f"arca-lab report: error: {out} has no finished runs yet", file=sys.stderr)
-        return EX_USAGE
-    path, error = execute_analysis(out)
     print(format_table(rows))
     if error:
         print(f"analysis notebook failed: {error.splitlines()[0]} (see {path})", file=sys.stderr)

@@ -141,6 +141,11 @@ class Grid:
                 seen.setdefault(run_id(point), point)
         return list(seen.values())
 
+    def describe(self) -> str:
+        """The grid actually run, e.g. "7 runs: rank 1, 4, 16 x credit uniform x ... + rank 4 x credit arca x ..."."""
+        subs = [" x ".join(f"{a} {', '.join(map(str, sub[a]))}" for a in self.axes) for sub in self.subgrids]
+        return f"{len(self.points())} runs: " + " + ".join(dict.fromkeys(subs))  # union, repeats once
+
     def shared_config(self) -> dict[str, Any]:
         """Every shared RunConfig value (preset and overrides resolved), without the per-point fields."""
         values = RunConfig.__dataclass_fields__

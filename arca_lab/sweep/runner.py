@@ -10,13 +10,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import xarray as xr
+from filelock import FileLock, Timeout
 
 from arca_lab.results import write_netcdf, write_text_atomic
 from arca_lab.sweep.cube import combine_runs, format_table, summary_table
@@ -120,13 +123,74 @@ def _previous_sessions(out: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text()).get("sessions", []) if path.is_file() else []
 
 
+class SweepLocked(RuntimeError):
+    """Another process holds the sweep directory's lock."""
+
+
+@contextmanager
+def sweep_lock(out: Path) -> Iterator[None]:
+    """Hold `out/.sweep.lock` for a whole sweep or report; a second one on the same directory is refused at once.
+
+    An OS file lock (`filelock.FileLock`, flock): released when its process exits, even if killed, so a crashed
+    sweep never leaves the directory locked. With `--executor slurm` the submitting process holds it while its
+    jobs run, so two submissions of one sweep cannot start the same run twice.
+    """
+    lock = FileLock(str(out / ".sweep.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise SweepLocked(
+            f"another arca-lab sweep or report is running in {out} (it holds {out / '.sweep.lock'}): wait for it "
+            "to finish (re-running the same command afterwards resumes), or choose another --out"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def unreadable_runs(out: Path, ids: Iterable[str]) -> dict[str, str]:
+    """Finished-looking runs whose run.nc cannot be read (e.g. truncated by a full disk): run_id -> error."""
+    from arca_lab.results import load_run
+    from arca_lab.sweep.execute import is_finished
+
+    bad = {}
+    for rid in ids:
+        if not is_finished(out, rid):
+            continue
+        try:
+            load_run(out / "runs" / rid)
+        except Exception as err:  # h5py / netCDF raise many types for a damaged file
+            bad[rid] = f"{type(err).__name__}: {err}".splitlines()[0]
+    return bad
+
+
+def _set_aside(out: Path, rid: str, error: str) -> Path:
+    """Move an unreadable finished run to failed/<id>/ with error.txt, so the runner re-runs it."""
+    failed = out / "failed" / rid
+    shutil.rmtree(failed, ignore_errors=True)
+    failed.parent.mkdir(parents=True, exist_ok=True)
+    (out / "runs" / rid).rename(failed)
+    write_text_atomic(failed / "error.txt", f"run.nc unreadable, run set aside to re-run: {error}\n")
+    return failed
+
+
 def combine_sweep(out: Path) -> tuple[xr.Dataset | None, list[dict[str, Any]]]:
-    """Combine a sweep directory's finished runs into `sweep.nc` (atomic) and `summary.txt`."""
+    """Combine a sweep directory's finished runs into `sweep.nc` (atomic) and `summary.txt`.
+
+    Runs whose run.nc cannot be read are left out and raise a ValueError naming them and the fix.
+    """
     from arca_lab.sweep.execute import is_finished
 
     stored = json.loads((out / "sweep.json").read_text())
     grid = Grid.from_json(stored["grid"])
     ids = [run_id(p) for p in grid.points()]
+    bad = unreadable_runs(out, ids)
+    if bad:
+        raise ValueError(
+            f"unreadable run.nc in {len(bad)} run(s): {bad}; re-run the sweep command to set them aside and "
+            "re-run them"
+        )
     done = [out / "runs" / i for i in ids if is_finished(out, i)]
     if not done:
         return None, []
@@ -188,90 +252,97 @@ def run_sweep(
         )
     first = next(iter(configs.values()))
     ex.check_parameters(ex.notebook_parameters(first, figures_dir="", progress=False), ex.RUN_NOTEBOOK)
-    pending = [i for i in configs if not ex.is_finished(out, i)]
-    skipped = [i for i in configs if i not in pending]
-    needs_build = any(configs[i].model == "embedded" for i in pending)
-    if needs_build:
-        from arca_lab.embedded import BUILD_INFO, EmbeddedSpec, cache_root
+    # Everything below reads or writes the sweep directory: under its lock (a dry run only reads).
+    with ExitStack() as held:
+        if not dry_run:
+            _check_writable(out)
+            held.enter_context(sweep_lock(out))
+            for rid, error in unreadable_runs(out, configs).items():
+                where = _set_aside(out, rid, error)
+                log(f"run {rid}: run.nc is unreadable ({error}); set aside in {where} and re-run")
+        pending = [i for i in configs if not ex.is_finished(out, i)]
+        skipped = [i for i in configs if i not in pending]
+        needs_build = any(configs[i].model == "embedded" for i in pending)
+        if needs_build:
+            from arca_lab.embedded import BUILD_INFO, EmbeddedSpec, cache_root
 
-        spec_dir = cache_root() / "embedded" / f"s0-{EmbeddedSpec().build_hash(0)}"
-        cached = (spec_dir / BUILD_INFO).is_file()
-    estimate = estimate_seconds(
-        [configs[i] for i in pending],
-        workers,
-        build_cached=not needs_build or cached,
-        total_runs=len(configs),
-    )
-    log(
-        f"sweep {out}: {len(configs)} runs ({len(skipped)} finished before, {len(pending)} to run) over "
-        f"{', '.join(grid.axes)}; {workers} {executor} worker(s) x {threads or 'all'} thread(s); every run "
-        f"sees {prompts} prompts / {completions} completions"
-        + (f"; estimated {estimate / 60:.1f} min" if estimate is not None and pending else "")
-    )
-    if dry_run:
-        for i in configs:
-            log(f"  {'done ' if i in skipped else 'to do'}  {i}")
-        return SweepOutcome(out, [], skipped, {}, [], seconds=time.perf_counter() - start)
+            spec_dir = cache_root() / "embedded" / f"s0-{EmbeddedSpec().build_hash(0)}"
+            cached = (spec_dir / BUILD_INFO).is_file()
+        estimate = estimate_seconds(
+            [configs[i] for i in pending],
+            workers,
+            build_cached=not needs_build or cached,
+            total_runs=len(configs),
+        )
+        log(
+            f"sweep {out}: {len(configs)} runs ({len(skipped)} finished before, {len(pending)} to run) over "
+            f"{', '.join(grid.axes)}; {workers} {executor} worker(s) x {threads or 'all'} thread(s); every run "
+            f"sees {prompts} prompts / {completions} completions"
+            + (f"; estimated {estimate / 60:.1f} min" if estimate is not None and pending else "")
+        )
+        if dry_run:
+            for i in configs:
+                log(f"  {'done ' if i in skipped else 'to do'}  {i}")
+            return SweepOutcome(out, [], skipped, {}, [], seconds=time.perf_counter() - start)
 
-    _check_writable(out)
-    (out / "runs").mkdir(exist_ok=True)
-    session = dict(
-        started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        to_run=len(pending),
-        workers=workers,
-        threads=threads,
-        executor=executor,
-        estimated_seconds=estimate,
-    )
-    record = {
-        "format": SWEEP_FORMAT,
-        "preset": preset,
-        "grid": grid.to_json(),
-        "shared_config": grid.shared_config(),
-        "runs": list(configs),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": sys.argv,
-        # each invocation's plan and, once it ends, its measured wall time (the cost model's check)
-        "sessions": [*_previous_sessions(out), session],
-    }
-    _write_json(out / "sweep.json", record)
-    if needs_build:
-        from arca_lab.embedded import embedded_model_dir
+        (out / "runs").mkdir(exist_ok=True)
+        session = dict(
+            started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            to_run=len(pending),
+            workers=workers,
+            threads=threads,
+            executor=executor,
+            estimated_seconds=estimate,
+        )
+        record = {
+            "format": SWEEP_FORMAT,
+            "preset": preset,
+            "grid": grid.to_json(),
+            "shared_config": grid.shared_config(),
+            "runs": list(configs),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": sys.argv,
+            # each invocation's plan and, once it ends, its measured wall time (the cost model's check)
+            "sessions": [*_previous_sessions(out), session],
+        }
+        _write_json(out / "sweep.json", record)
+        if needs_build:
+            from arca_lab.embedded import embedded_model_dir
 
-        if not cached:
-            log(
-                "building the embedded base model once (about a minute on 2 idle cores; cached afterwards) ..."
-            )
-        embedded_model_dir()
-    ex.install_kernel(out / ".work" / "jupyter", threads=threads)
-    tasks = [
-        ex.PointTask(str(out), i, ex.notebook_parameters(configs[i], figures_dir="", progress=False))
-        for i in pending
-    ]
-    results = (
-        ex.run_local(tasks, workers)
-        if executor == "local"
-        else ex.run_submitit(tasks, out / ".work" / "submitit", submitit_cluster, params)
-    )
-    finished, failed = [], {}
-    from tqdm.auto import tqdm
+            if not cached:
+                log(
+                    "building the embedded base model once (about a minute on 2 idle cores; cached afterwards) ..."
+                )
+            embedded_model_dir()
+        ex.install_kernel(out / ".work" / "jupyter", threads=threads)
+        tasks = [
+            ex.PointTask(str(out), i, ex.notebook_parameters(configs[i], figures_dir="", progress=False))
+            for i in pending
+        ]
+        results = (
+            ex.run_local(tasks, workers)
+            if executor == "local"
+            else ex.run_submitit(tasks, out / ".work" / "submitit", submitit_cluster, params)
+        )
+        finished, failed = [], {}
+        from tqdm.auto import tqdm
 
-    with tqdm(total=len(tasks), unit="run", desc="sweep", disable=not progress or not tasks) as bar:
-        for res in results:
-            if res.ok:
-                finished.append(res.run_id)
-            else:
-                failed[res.run_id] = res.error
-                bar.write(f"FAILED {res.run_id}: {res.error} (see {out / 'failed' / res.run_id})")
-            bar.set_postfix(failed=len(failed), last=f"{res.run_id} {res.seconds:.0f}s")
-            bar.update()
-    cube, rows = combine_sweep(out)
-    analysis_error = ""
-    if analysis and cube is not None:
-        path, analysis_error = ex.execute_analysis(out)
-        if analysis_error:
-            log(f"analysis notebook failed: {analysis_error.splitlines()[0]} (see {path})")
-    seconds = time.perf_counter() - start
-    session.update(seconds=round(seconds, 1), finished=len(finished), failed=len(failed))
-    _write_json(out / "sweep.json", record)
-    return SweepOutcome(out, finished, skipped, failed, rows, analysis_error, seconds)
+        with tqdm(total=len(tasks), unit="run", desc="sweep", disable=not progress or not tasks) as bar:
+            for res in results:
+                if res.ok:
+                    finished.append(res.run_id)
+                else:
+                    failed[res.run_id] = res.error
+                    bar.write(f"FAILED {res.run_id}: {res.error} (see {out / 'failed' / res.run_id})")
+                bar.set_postfix(failed=len(failed), last=f"{res.run_id} {res.seconds:.0f}s")
+                bar.update()
+        cube, rows = combine_sweep(out)
+        analysis_error = ""
+        if analysis and cube is not None:
+            path, analysis_error = ex.execute_analysis(out)
+            if analysis_error:
+                log(f"analysis notebook failed: {analysis_error.splitlines()[0]} (see {path})")
+        seconds = time.perf_counter() - start
+        session.update(seconds=round(seconds, 1), finished=len(finished), failed=len(failed))
+        _write_json(out / "sweep.json", record)
+        return SweepOutcome(out, finished, skipped, failed, rows, analysis_error, seconds)
