@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         "theory": "theory.cli:main",
         "sweep": "arca_lab.sweep.cli:main",
         "report": "arca_lab.sweep.cli:report_main",
-        "verify-bound": "arca_lab.verify:main",
+        "verify-bound": "arca_lab.analysis.verify:main",
     }
     if argv and argv[0] in delegated:
         module, func = delegated[argv[0]].split(":")

@@ -98,7 +98,7 @@ def final_norm(model: nn.Module) -> nn.Module | None:
     """The last RMSNorm-like module of the backbone (class name contains "RMSNorm"), or None.
 
     Whether its output really is the input of lm_head is checked on every forward by
-    `arca_lab.heldout_kl.measure_tokens`.
+    `arca_lab.analysis.heldout_kl.measure_tokens`.
     """
     found = None
     for module in backbone_of(model).modules():

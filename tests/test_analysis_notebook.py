@@ -17,6 +17,7 @@ import pytest
 from test_verify import ALL, HEAD, SWEEP_RUNS, build_tiny_sweep
 
 from arca_lab import analysis
+from arca_lab.analysis import tables
 from arca_lab.results import load_run
 from arca_lab.sweep import load_sweep
 from theory.credit_degeneracy import REGIMES
@@ -134,7 +135,7 @@ def test_bounds_table_with_and_without_generation(sweep, cube):
 
 
 def test_verdicts_count_nan_as_a_failure_and_lemmas_apart():
-    from arca_lab.verify import BoundRow
+    from arca_lab.analysis.verify import BoundRow
 
     ball = BoundRow("r", "bound", "K(R D(dW)/tau) ball (P3)", "d", 1.0, 0.1, 1.0, True)
     lemma = BoundRow("r", "lemma", "K(range(dW x_t)/tau) (L3)", "d", 1.0, 0.1, 0.2, True)
@@ -145,8 +146,8 @@ def test_verdicts_count_nan_as_a_failure_and_lemmas_apart():
     v = analysis.verdicts([ball, replace(lemma, measured=math.nan)])
     assert v["lemmas_hold"] is False and v["bounds_hold"] is True  # a failed lemma is not a violated bound
     # the held-out max: NaN when nothing was measured or a value is NaN, never a 0 a bound trivially holds
-    assert math.isnan(analysis._max_or_nan([])) and math.isnan(analysis._max_or_nan([0.1, math.nan]))
-    assert analysis._max_or_nan([0.1, 0.3]) == 0.3
+    assert math.isnan(tables._max_or_nan([])) and math.isnan(tables._max_or_nan([0.1, math.nan]))
+    assert tables._max_or_nan([0.1, 0.3]) == 0.3
 
 
 def test_kl_panels_draw_credits_with_two_ranks_only():

@@ -18,15 +18,23 @@ import pytest
 import torch
 from filelock import FileLock
 
-from arca_lab import verify
+from arca_lab.analysis import verify
+from arca_lab.analysis.heldout_kl import effective_gain, final_norm
+from arca_lab.analysis.verify import (
+    BoundRow,
+    _Rows,
+    apriori_inputs,
+    check_summary,
+    find_runs,
+    main,
+    verify_run,
+)
 from arca_lab.config import HF_LR_SCHEDULERS as SCHEDULES
 from arca_lab.config import make_config
 from arca_lab.exit_codes import EX_USAGE
-from arca_lab.heldout_kl import effective_gain, final_norm
 from arca_lab.results import load_run
 from arca_lab.run import grpo_args, train
 from arca_lab.testing import make_tiny_causal_lm
-from arca_lab.verify import BoundRow, _Rows, apriori_inputs, check_summary, find_runs, main, verify_run
 from theory.aposteriori import credit_link_bound, per_token_kl_bound
 from theory.apriori import lora_scale
 from theory.softmax_kl import kl_ref_theta, kl_theta_ref

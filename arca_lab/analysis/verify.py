@@ -3,7 +3,7 @@
 For one run: load the base model and the trained adapter, sample completions of the task's held-out prompts
 (`arca_lab.run.load_task(cfg).eval_rows(n, seed=EVAL_SEED)`) from the adapted model, and measure at every valid
 completion position t the exact KL over the vocabulary in both directions, at temperature 1 and at the run's
-sampling temperature τ (`arca_lab.heldout_kl.measure_tokens`). Then evaluate every check that applies:
+sampling temperature τ (`arca_lab.analysis.heldout_kl.measure_tokens`). Then evaluate every check that applies:
 
     every run  lemma  ‖x_t‖₂ ≤ R = √d·max|g|, x_t = input of lm_head, g = final RMSNorm gain  aposteriori P2
                lemma  KL_t ≤ K(range(z_t)/τ), z_t = exact logit shift at t (either direction)  softmax_kl L3
@@ -53,9 +53,9 @@ import torch
 import xarray as xr
 from peft import PeftModel
 
+from arca_lab.analysis.heldout_kl import TokenMeasurement, measure_tokens
 from arca_lab.config import HF_LR_SCHEDULERS, RunConfig
 from arca_lab.exit_codes import EX_USAGE, UsageParser
-from arca_lab.heldout_kl import TokenMeasurement, measure_tokens
 from arca_lab.models import base_head, lm_head_module_name, lm_head_of, load_policy
 from arca_lab.results import load_run
 from theory.aposteriori import aposteriori_kl_bound, rmsnorm_radius

@@ -5,7 +5,7 @@ Every function returns a pandas DataFrame with one row per grid point (or per gr
 plots, so `notebooks/rank_sweep_analysis.ipynb` only draws what these functions computed.
 
 Sources:
-- KL bounds: `arca_lab.verify` (theory/aposteriori.md P2–P4, theory/apriori.md A6/A7); its "lemma" rows (the
+- KL bounds: `arca_lab.analysis.verify` (theory/aposteriori.md P2–P4, theory/apriori.md A6/A7); its "lemma" rows (the
   per-token K(range(z_t)/τ) from the measured shift itself, ‖x_t‖ ≤ R) are kept apart from the bounds verified.
 - Rank exponent γ in E[KL] ∝ r^γ: `theory.rank_scaling.predict_gamma` (prediction, measure "mean": the mean
   KL over contexts, theory/rank_scaling.md §3.4, §6) and `fit_gamma` (least-squares slope of log mean-over-seeds
@@ -297,9 +297,9 @@ def gamma_caption(
 # ---------------------------------------------------------------------------------------------- bounds per run
 def run_dirs_by_id(sweep_dir: str | Path, cube: xr.Dataset) -> dict[str, Path]:
     """run_id -> run directory, for the runs below `sweep_dir` (the id recomputed from each run's config)."""
+    from arca_lab.analysis.verify import find_runs
     from arca_lab.config import RunConfig
     from arca_lab.sweep.grid import AXES, axis_values_of, run_id
-    from arca_lab.verify import find_runs
 
     extra = [a for a in sweep_axes(cube) if a not in AXES]
     out = {}
@@ -312,13 +312,13 @@ def run_dirs_by_id(sweep_dir: str | Path, cube: xr.Dataset) -> dict[str, Path]:
 def bounds_table(sweep_dir: str | Path, cube: xr.Dataset, prompts: int = 8, samples: int = 1):
     """Per run: held-out max KL (both directions, τ = 1), the a-posteriori and the a-priori bound, and the lemma.
 
-    prompts > 0: `arca_lab.verify.verify_run` on `prompts` held-out prompts. Columns: `aposteriori_<d>` the ball
+    prompts > 0: `arca_lab.analysis.verify.verify_run` on `prompts` held-out prompts. Columns: `aposteriori_<d>` the ball
     bound K(R·D(ΔW)) (head-only runs, every prompt; NaN otherwise), `apriori_<d>` (head-only), `lemma_max_k_range`
     = max_t K(range(z_t)) over the measured tokens (a lemma on the measured shift itself, not a verified bound:
-    `arca_lab.verify.KINDS`), and the verdicts `bounds_hold`, `lemmas_hold`, `inputs_hold` (rows of that kind;
+    `arca_lab.analysis.verify.KINDS`), and the verdicts `bounds_hold`, `lemmas_hold`, `inputs_hold` (rows of that kind;
     NaN fails). prompts = 0: only the a-priori bound (no generation). Returns (DataFrame, list of BoundRow).
     """
-    from arca_lab.verify import verify_run
+    from arca_lab.analysis.verify import verify_run
     from theory.softmax_kl import kl_sharp_bound
 
     dirs = run_dirs_by_id(sweep_dir, cube)
@@ -346,9 +346,9 @@ def bounds_table(sweep_dir: str | Path, cube: xr.Dataset, prompts: int = 8, samp
 
 
 def verdicts(rows) -> dict[str, bool]:
-    """`<kind>s_hold` per kind of `arca_lab.verify.KINDS` (bounds_hold, lemmas_hold, inputs_hold): no checked row
+    """`<kind>s_hold` per kind of `arca_lab.analysis.verify.KINDS` (bounds_hold, lemmas_hold, inputs_hold): no checked row
     of that kind failed (`BoundRow.failed`: a NaN measured value or bound is a failure, never "holds")."""
-    from arca_lab.verify import KINDS
+    from arca_lab.analysis.verify import KINDS
 
     return {f"{kind}s_hold": not any(r.failed for r in rows if r.kind == kind) for kind in KINDS}
 
@@ -360,7 +360,7 @@ def _max_or_nan(values: Any) -> float:
 
 
 def _row_value(rows, bound: str, direction_key: str, default: float) -> float:
-    from arca_lab.verify import KL_DIRECTIONS
+    from arca_lab.analysis.verify import KL_DIRECTIONS
 
     for r in rows:
         if r.bound == bound and r.direction == KL_DIRECTIONS[direction_key] and r.tau == 1.0:
@@ -370,11 +370,11 @@ def _row_value(rows, bound: str, direction_key: str, default: float) -> float:
 
 def _apriori_only(run_dir: Path) -> dict[str, Any]:
     """The a-priori bound of a head-only run without generating anything (R from one probe forward)."""
+    from arca_lab.analysis.heldout_kl import input_radius
+    from arca_lab.analysis.verify import _dir, apriori_inputs
     from arca_lab.config import RunConfig
-    from arca_lab.heldout_kl import input_radius
     from arca_lab.models import lm_head_module_name, load_policy
     from arca_lab.results import load_run
-    from arca_lab.verify import _dir, apriori_inputs
     from theory.apriori import apriori_kl_bound
 
     cfg = RunConfig.from_json((run_dir / "config.json").read_text())
