@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="greedy accuracy and pass@k of a finished run's adapter")
     ev.add_argument("run_dir", type=Path, help="a directory written by `arca-lab train`")
     ev.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts (default: the run's)")
+    ev.add_argument(
+        "--checkpoints",
+        action="store_true",
+        help="a table over the run's --save-every checkpoints: greedy accuracy and exact held-out KL per step",
+    )
 
     for name, text in [
         ("theory", "print the KL bounds, or `theory check` them on a softmax layer"),
@@ -132,6 +137,8 @@ def _eval(args: argparse.Namespace) -> int:
     kw = dict(
         k=cfg.pass_k, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p
     )
+    if args.checkpoints:
+        return _eval_checkpoints(args.run_dir, cfg, task, rows, kw)
     base = evaluate(model, tokenizer, task, rows, **kw)
     adapted = evaluate(
         PeftModel.from_pretrained(model, args.run_dir / "adapter"), tokenizer, task, rows, **kw
@@ -143,6 +150,41 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"{'':14}{'base':>8}{'adapter':>9}")
     print(f"{'greedy acc':14}{base.greedy_accuracy:8.3f}{adapted.greedy_accuracy:9.3f}")
     print(f"{f'pass@{cfg.pass_k}':14}{base.pass_at_k:8.3f}{adapted.pass_at_k:9.3f}")
+    return 0
+
+
+def _eval_checkpoints(run_dir: Path, cfg: RunConfig, task, rows, kw) -> int:
+    """Greedy accuracy and held-out KL (exact per token, float64, both directions, temperature 1, on completions
+    sampled from each checkpoint at the run's temperature; mean over valid tokens) at every saved step."""
+    from peft import PeftModel
+
+    from arca_lab.analysis.heldout_kl import measure_tokens
+    from arca_lab.evaluate import evaluate
+    from arca_lab.models import load_policy
+    from arca_lab.run import EVAL_SEED, checkpoints
+
+    prompts = [r["prompt"] for r in rows]
+    print(f"{run_dir}: {len(rows)} held-out prompts; KL over completions sampled from each checkpoint")
+    print(f"{'step':>6}{'greedy acc':>12}{'KL(pi||base)':>14}{'KL(base||pi)':>14}{'tokens':>8}")
+    for step, path in checkpoints(run_dir):
+        model, tokenizer = load_policy(cfg)  # a fresh base: peft injects its layers in place
+        policy = PeftModel.from_pretrained(model, path)
+        acc = evaluate(policy, tokenizer, task, rows, **{**kw, "k": 1}).greedy_accuracy
+        m = measure_tokens(
+            policy,
+            tokenizer,
+            prompts,
+            temperatures=[1.0],
+            max_new_tokens=cfg.max_completion_length,
+            sample_temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=EVAL_SEED,
+        )
+        kl = m.per_tau[1.0]
+        n = kl["kl_policy_ref"].size
+        print(
+            f"{step:>6}{acc:>12.3f}{kl['kl_policy_ref'].mean():>14.5f}{kl['kl_ref_policy'].mean():>14.5f}{n:>8}"
+        )
     return 0
 
 

@@ -116,6 +116,8 @@ class RunConfig:
     """Seed for data order, sampling and adapter initialisation."""
     out: str = "runs/run"
     """Output directory (config.json, adapter/, run.nc); must not exist unless overwrite."""
+    save_every: int = 0
+    """Also save the adapter every K optimiser steps to checkpoints/step-<k>/ (0: the final adapter only)."""
     overwrite: bool = False
     """Replace an existing output directory (only once the new run has finished)."""
     threads: int = 0
@@ -163,6 +165,8 @@ class RunConfig:
                 raise bad(name, getattr(self, name), "use a positive integer")
         if (self.prompts_per_step * self.num_generations) % self.grad_accum:
             raise bad("grad_accum", self.grad_accum, "it must divide prompts_per_step * num_generations")
+        if self.save_every < 0:
+            raise bad("save_every", self.save_every, "use 0 (final adapter only) or K >= 1 steps")
         if self.kl_probe_every < 0:
             raise bad("kl_probe_every", self.kl_probe_every, "use 0 (one completion per prompt) or k >= 1")
         if self.beta < 0:

@@ -70,6 +70,23 @@ def base_model_info(name_or_path: str) -> dict[str, Any]:
     return info
 
 
+LONG_NAMES = {
+    "reward": "mean reward of the step's completions",
+    "credit_gini": "credit Gini (mean over the step's completions)",
+    "credit_etr": "effective-token ratio EffN/T (mean over the step's completions)",
+    "credit_effn": "effective tokens EffN (mean over the step's completions)",
+    "credit_fallback_fraction": "share of completions whose credit fell back to uniform",
+    "kl_policy_ref_mean": "KL(pi_theta||pi_base) per token, mean over the probe rows",
+    "kl_ref_policy_mean": "KL(pi_base||pi_theta) per token, mean over the probe rows",
+    "kl_policy_ref_max": "KL(pi_theta||pi_base) per token, max over the probe rows",
+    "kl_ref_policy_max": "KL(pi_base||pi_theta) per token, max over the probe rows",
+    "residual_mean": "||h_adapted - h_base|| at the lm_head input, mean over the probe rows",
+    "residual_max": "||h_adapted - h_base|| at the lm_head input, max over the probe rows",
+}
+"""`long_name` attrs of the main per-step variables (plot labels); the README's "What each number means" has the
+full definitions."""
+
+
 def config_coords(cfg: RunConfig) -> dict[str, Any]:
     """Config values as scalar coordinates (None -> NaN for numbers, "" for strings; bools as int)."""
     coords: dict[str, Any] = {}
@@ -101,10 +118,10 @@ def build_dataset(
     ds = xr.Dataset(coords={"step": np.arange(1, len(step_logs) + 1)})
     keys = sorted({k for log in step_logs for k in log if k != "step"})
     for key in keys:
-        ds[key.replace("/", "_")] = (
-            "step",
-            np.array([log.get(key, np.nan) for log in step_logs], dtype=float),
-        )
+        name = key.replace("/", "_")
+        ds[name] = ("step", np.array([log.get(key, np.nan) for log in step_logs], dtype=float))
+        if name in LONG_NAMES:
+            ds[name].attrs["long_name"] = LONG_NAMES[name]
     if last_batch is not None:
         mask = last_batch["completion_mask"].numpy().astype(bool)
         ds["completion_mask"] = (("sample", "token"), mask.astype(np.int8))

@@ -4,6 +4,7 @@ Output directory (written to a staging directory first and moved into place only
 `--overwrite` never destroys a finished run):
     config.json   the RunConfig
     adapter/      the LoRA adapter (`save_pretrained`; load with `PeftModel.from_pretrained(base, dir)`)
+    checkpoints/  with --save-every K: the adapter after every K-th step, step-<k>/ (`checkpoints(run_dir)`)
     run.nc        curves, final-batch token arrays, eval results, bound inputs (see arca_lab/results.py)
 """
 
@@ -126,6 +127,31 @@ class QuietProgress(ProgressCallback):
         pass
 
 
+class AdapterCheckpoints(TrainerCallback):
+    """Saves the adapter after every K-th optimiser step to `<dir>/step-<k>/` (peft `save_pretrained`; the final
+    adapter goes to adapter/ as always), so KL and accuracy against steps can be measured after the run."""
+
+    def __init__(self, every: int, directory: Path) -> None:
+        self.every, self.directory = every, directory
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        if step % self.every == 0 and step < state.max_steps:
+            model.save_pretrained(self.directory / checkpoint_name(step))
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:05d}"
+
+
+def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, adapter directory) of a finished run: every `--save-every` checkpoint, then the final adapter."""
+    run_dir = Path(run_dir)
+    cfg = RunConfig.from_json((run_dir / "config.json").read_text())
+    found = [(int(p.name.split("-")[1]), p) for p in sorted((run_dir / "checkpoints").glob("step-*"))]
+    return [*found, (cfg.steps, run_dir / "adapter")]
+
+
 class StepRecorder(TrainerCallback):
     """Keeps every per-step log dict (TRL logs its metrics and ours once per optimiser step)."""
 
@@ -182,7 +208,8 @@ def train(cfg: RunConfig, progress: bool = True) -> Path:
             processing_class=tokenizer,
             peft_config=lora_config(cfg, model),
             token_roles=lambda ids: task.token_roles(ids, tokenizer),
-            callbacks=[recorder],
+            callbacks=[recorder]
+            + ([AdapterCheckpoints(cfg.save_every, staging / "checkpoints")] if cfg.save_every else []),
         )
         trainer.remove_callback(PrinterCallback)  # per-step metric dicts belong in run.nc, not on stdout
         if progress:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -152,3 +153,45 @@ def test_base_model_info_names_the_embedded_build(tmp_path):
     assert info["embedded_build"]["build_hash"] == "abc123" and info["embedded_build"]["seed"] == 3
     assert "eval_history" not in info["embedded_build"]
     assert base_model_info("Qwen/Qwen3-1.7B-Base") == {"name_or_path": "Qwen/Qwen3-1.7B-Base"}
+
+
+def test_save_every_keeps_the_adapter_of_that_step(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """--save-every 2 over 4 steps: checkpoints/step-00002 holds the LoRA weights as they were after step 2
+    (recorded by a callback at that moment), the final adapter those after step 4; eval --checkpoints tables both.
+    """
+    from safetensors.torch import load_file
+
+    import arca_lab.run as run_module
+
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    class Snapshot(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen[state.global_step] = {
+                n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n
+            }
+
+    original = run_module.ArcaGRPOTrainer
+
+    def with_snapshot(*args, **kwargs):
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), Snapshot()]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "ArcaGRPOTrainer", with_snapshot)
+    # the tiny random model never solves the task: reward the completion length's parity so the adapter moves
+    monkeypatch.setattr(run_module.get_task("arith").__class__, "reward", lambda self, c, a: float(len(c) % 2))
+    cfg = make_config(
+        model=str(tiny_model_dir), out=str(tmp_path / "run"), save_every=2, lr=5e-2, **{**TINY, "steps": 4}
+    )
+    out = train(cfg, progress=False)
+    assert [s for s, _ in run_module.checkpoints(out)] == [2, 4]
+    saved = load_file(out / "checkpoints" / "step-00002" / "adapter_model.safetensors")
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    key = next(k for k in saved if "lora_B" in k)
+    live = next(v for n, v in seen[2].items() if n.endswith(key.replace(".weight", ".default.weight")))
+    torch.testing.assert_close(saved[key], live)
+    assert not torch.equal(saved[key], final[key])  # the adapter moved between step 2 and step 4
+    monkeypatch.undo()
+    assert main(["eval", str(out), "--checkpoints", "--eval-prompts", "4"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[-2:]] == ["2", "4"]

@@ -68,6 +68,6 @@ def test_a_halved_bound_makes_check_fail(capsys, monkeypatch):
 def test_bad_arguments_exit_with_usage_error():
     with pytest.raises(SystemExit) as exc:
         main(["check", "--seeds", "1"])
-    assert exc.value.code == 2
+    assert exc.value.code == 64  # EX_USAGE, as every arca-lab command
     with pytest.raises(SystemExit):
         main(["check", "--shift-gamma", "nan"])

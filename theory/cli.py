@@ -465,8 +465,21 @@ def check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+class _UsageParser(argparse.ArgumentParser):
+    """Bad arguments exit 64 (EX_USAGE), as every arca-lab command does (arca_lab/exit_codes.py; theory never
+    imports the lab, hence this copy of its three lines)."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(64, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="arca-lab theory", description=__doc__.split("\n")[0])
+    parser = _UsageParser(
+        prog="arca-lab theory",
+        description="Print the KL bounds (sympy pretty and LaTeX); `check` tests them numerically on the "
+        "single-layer LoRA GRPO simulator. Exit 0 if every check holds, 1 if one fails, 64 on bad input.",
+    )
     sub = parser.add_subparsers(dest="command")
     c = sub.add_parser("check", help="run the single-layer grid and the random-instance bound check")
     c.add_argument(
