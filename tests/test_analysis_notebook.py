@@ -2,11 +2,15 @@
 
 The sweep (`build_tiny_sweep` of tests/test_verify.py, built once per session): head-only LoRA at ranks 1 and 2
 (uniform credit), all-linear LoRA at rank 2 (arca credit, temperature 0.7); 2 steps each, no beta > 0 runs.
+Path parameters (arca_lab.paths): a relative sweep_dir means the same directory below the repository root under
+papermill (kernel in the caller's directory) and nbconvert / JupyterLab (kernel in notebooks/); a missing sweep
+stops the notebook with one line that names the command to run.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +22,7 @@ from test_verify import ALL, HEAD, SWEEP_RUNS, build_tiny_sweep
 
 from arca_lab import analysis
 from arca_lab.analysis import tables
+from arca_lab.paths import REPO_ROOT, MissingSweep, existing_sweep, resolve
 from arca_lab.results import load_run
 from arca_lab.sweep import load_sweep
 from theory.credit_degeneracy import REGIMES
@@ -25,7 +30,7 @@ from theory.credit_degeneracy import REGIMES
 pm = pytest.importorskip("papermill")
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "rank_sweep_analysis.ipynb"
-FIGURES = ("kl_vs_rank", "credit_concentration", "format_mass", "reward_accuracy")
+FIGURES = ("kl_vs_rank", "credit_concentration", "format_mass", "reward_accuracy", "reward_kl_frontier")
 R1_HEAD = "r1-uniform-s0-head-a2r"
 
 
@@ -258,10 +263,15 @@ def test_table3_reference_and_save_figure(tmp_path):
 
 def test_notebook_runs_on_the_tiny_sweep(sweep, tmp_path):
     figs = tmp_path / "figs"
+    # relative to the repository root, and the kernel started elsewhere: the paths still mean the same
     out = pm.execute_notebook(
         str(NOTEBOOK),
         str(tmp_path / "executed.ipynb"),
-        parameters={"sweep_dir": str(sweep), "figures_dir": str(figs), "verify_prompts": 2},
+        parameters={
+            "sweep_dir": os.path.relpath(sweep, REPO_ROOT),
+            "figures_dir": os.path.relpath(figs, REPO_ROOT),
+            "verify_prompts": 2,
+        },
         kernel_name="python3",
         cwd=str(tmp_path),
         progress_bar=False,
@@ -273,8 +283,76 @@ def test_notebook_runs_on_the_tiny_sweep(sweep, tmp_path):
         "".join(o.get("text", "")) for c in out["cells"] if c["cell_type"] == "code" for o in c["outputs"]
     )
     assert f"python: {sys.executable}" in printed
+    assert f"sweep: {sweep.resolve()}; figures: {figs.resolve()}" in printed
     # the lemma checks are counted apart from the bounds (2 head-only runs, 1 all-linear at 2 temperatures)
     assert "10 bound checks (ball, a-priori, credit link), 16 lemma checks" in printed
     assert "2 input checks (lr schedule); 0 violated: all hold" in printed
     assert "beta figure skipped" in printed  # the sweep has no beta > 0 runs
     assert "lie in the predicted interval: 1.000" in printed
+
+
+# ---------------------------------------------------------------------------------------------- paths
+def test_relative_paths_are_read_from_the_repository_root(tmp_path, monkeypatch):
+    assert (REPO_ROOT / "notebooks" / NOTEBOOK.name).is_file() and (REPO_ROOT / "pyproject.toml").is_file()
+    for cwd in (tmp_path, REPO_ROOT / "notebooks"):  # papermill's kernel, JupyterLab's and nbconvert's
+        monkeypatch.chdir(cwd)
+        assert resolve("sweeps/default") == REPO_ROOT / "sweeps" / "default"
+    assert resolve(tmp_path / "s") == tmp_path / "s"  # absolute, as arca-lab sweep passes it: unchanged
+    assert resolve("~/s") == Path.home() / "s"
+    assert resolve("s", root=tmp_path) == tmp_path / "s"
+
+
+def test_a_missing_sweep_says_what_to_run(tmp_path):
+    with pytest.raises(MissingSweep) as err:
+        existing_sweep("sweeps/none", root=tmp_path)
+    assert str(err.value) == (
+        f"no sweep.nc in {tmp_path / 'sweeps/none'} (sweep_dir = 'sweeps/none'): "
+        f"run `arca-lab sweep --out sweeps/none` in {tmp_path} first"
+    )
+    assert err.value._render_traceback_() == [f"MissingSweep: {err.value}"]  # what Jupyter shows: one line
+    started = tmp_path / "sweeps" / "started"  # runs written, sweep.nc not combined yet
+    started.mkdir(parents=True)
+    (started / "sweep.json").write_text("{}")
+    with pytest.raises(MissingSweep, match=r"not combined yet: run `arca-lab report sweeps/started` in "):
+        existing_sweep("sweeps/started", root=tmp_path)
+    with pytest.raises(MissingSweep, match=r"run `arca-lab sweep --out /\S+/elsewhere` first$"):
+        existing_sweep(tmp_path / "elsewhere", root=tmp_path / "sweeps")  # not below the root: absolute
+    (started / "sweep.nc").write_bytes(b"")
+    assert existing_sweep("sweeps/started", root=tmp_path) == started
+
+
+def _with_sweep_dir(value: str):
+    """The committed notebook with `sweep_dir = value` injected after its parameters cell (as papermill does)."""
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(f"sweep_dir = {value!r}"))
+    return nb
+
+
+def test_a_missing_sweep_stops_the_notebook_with_one_line_under_papermill_and_nbconvert(tmp_path):
+    from nbclient.exceptions import CellExecutionError
+    from nbconvert.preprocessors import ExecutePreprocessor
+
+    missing = "sweeps/no-such-sweep-for-this-test"
+    expected = f"no sweep.nc in {REPO_ROOT / missing} (sweep_dir = '{missing}'): run `arca-lab sweep --out {missing}`"
+    # papermill started from another directory
+    with pytest.raises(pm.PapermillExecutionError) as err:
+        pm.execute_notebook(
+            str(NOTEBOOK),
+            str(tmp_path / "executed.ipynb"),
+            parameters={"sweep_dir": missing},
+            kernel_name="python3",
+            cwd=str(tmp_path),
+            progress_bar=False,
+        )
+    assert err.value.ename == "MissingSweep" and err.value.evalue.startswith(expected)
+    assert len(err.value.traceback) == 1  # one line, not a stack ending in h5py
+    # nbconvert --execute: the kernel starts in the notebook's own directory (resources metadata path)
+    with pytest.raises(CellExecutionError) as err:
+        ExecutePreprocessor(kernel_name="python3", timeout=120).preprocess(
+            _with_sweep_dir(missing), {"metadata": {"path": str(NOTEBOOK.parent)}}
+        )
+    assert err.value.ename == "MissingSweep" and err.value.evalue.startswith(expected)
+    assert str(err.value).rstrip().endswith(f"MissingSweep: {err.value.evalue}")

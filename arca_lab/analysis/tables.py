@@ -481,6 +481,19 @@ def beta_table(points: pd.DataFrame) -> pd.DataFrame | None:
     return points.groupby(["beta", "rank", "arm"])[cols].mean().reset_index()
 
 
+def config_values(cube: xr.Dataset, name: str) -> list[Any]:
+    """The distinct values of config field `name` over the sweep's runs (e.g. [4] for pass_k), [] if absent.
+
+    A value shared by every run is a scalar coordinate of the cube; one that varies is a coordinate over the
+    grid axes (NaN or "" where a grid point has no run, so only points with a run count)."""
+    if name not in cube.coords:
+        return []
+    values = cube.coords[name].values
+    if values.ndim:
+        values = values[cube["has_run"].values == 1]
+    return sorted({v.item() if hasattr(v, "item") else v for v in np.ravel(values)})
+
+
 def save_figure(fig: Any, figures_dir: str | Path, name: str) -> list[Path]:
     """Save a matplotlib figure as `name`.png and `name`.svg in `figures_dir` (created); returns both paths."""
     out = Path(figures_dir)
