@@ -87,6 +87,31 @@ class RunConfig:
     """Log exact full-vocabulary KL to the base model (both directions) on the sampled completions."""
     kl_probe_every: int = 0
     """If only the probe needs the base model, probe every k-th completion (0: one per prompt; 1: all)."""
+    # --- rollout engine and train-inference correction (arXiv 2606.08779) --------------------------------
+    rollout_engine: str = "same"
+    """Who samples: same (the trainer, no discrepancy), fp32, bf16, int8 or noise (a synced merged copy)."""
+    rollout_noise: float = 0.0
+    """Engine "noise": relative scale sigma of the seeded Gaussian weight noise drawn at every sync."""
+    correction: str = "none"
+    """none, token_truncate (TIS), token_mask, sequence_truncate, sequence_mask, rejection or dc_grpo."""
+    is_clip: float = 2.0
+    """C: truncation threshold of the importance ratio pi_train / pi_rollout (truncate corrections)."""
+    is_band: str = "0.5,2.0"
+    """lo,hi: ratios outside this band are masked (mask corrections) or rejected (rejection)."""
+    is_seq_agg: str = "sum"
+    """Sequence ratio: sum (exp of the summed log-ratios, TRL's) or mean (the geometric mean)."""
+    rs_estimator: str = "k1"
+    """Rejection: k1, k2 or k3 estimator of the log-ratio (verl's rollout_rs)."""
+    rs_level: str = "token"
+    """Rejection: token or sequence (the estimator's mean over the sequence)."""
+    dc_lambda0: float = 0.1
+    """DC-GRPO: initial Lagrange multiplier lambda."""
+    dc_lr: float = 1.0
+    """DC-GRPO: dual step size of lambda <- clip(lambda + lr (mean delta - c), 0, lambda_max)."""
+    dc_lambda_max: float = 1.0
+    """DC-GRPO: upper clip of lambda."""
+    dc_target: float = -1.0
+    """DC-GRPO: tolerance c on mean delta; < 0 means the bf16 engine's median delta on the first batch."""
     # --- optimiser --------------------------------------------------------------------------------------
     optimizer: str = "adamw"
     """Optimiser: adamw or sgd."""
@@ -167,6 +192,24 @@ class RunConfig:
             raise bad("grad_accum", self.grad_accum, "it must divide prompts_per_step * num_generations")
         if self.save_every < 0:
             raise bad("save_every", self.save_every, "use 0 (final adapter only) or K >= 1 steps")
+        from arca_lab.rollout.correction import check_correction_args, check_dc_args
+        from arca_lab.rollout.engines import check_engine
+
+        check_engine(self.rollout_engine, self.rollout_noise)  # before any model work: unknown or unrunnable
+        check_correction_args(
+            self.correction,
+            is_clip=self.is_clip,
+            is_band=self.band(),
+            is_seq_agg=self.is_seq_agg,
+            rs_estimator=self.rs_estimator,
+            rs_level=self.rs_level,
+        )
+        check_dc_args(
+            lam=self.dc_lambda0,
+            target=max(self.dc_target, 0.0),
+            lr=self.dc_lr,
+            lam_max=self.dc_lambda_max,
+        )
         if self.kl_probe_every < 0:
             raise bad("kl_probe_every", self.kl_probe_every, "use 0 (one completion per prompt) or k >= 1")
         if self.beta < 0:
@@ -225,6 +268,16 @@ class RunConfig:
         """s in W = W0 + s B A for the chosen scaling rule (peft: alpha/r, or alpha/sqrt(r) with rsLoRA)."""
         a = self.lora_alpha()
         return {"alpha/r": a / self.rank, "rslora": a / math.sqrt(self.rank), "const": a}[self.scaling]
+
+    def band(self) -> tuple[float, float]:
+        """`is_band` "lo,hi" as numbers."""
+        try:
+            lo, hi = (float(v) for v in str(self.is_band).split(","))
+        except ValueError:
+            raise ValueError(
+                f'is_band={self.is_band!r} is not valid: write "lo,hi", e.g. "0.5,2.0"'
+            ) from None
+        return lo, hi
 
     @property
     def head_adapted(self) -> bool:

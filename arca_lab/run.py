@@ -84,6 +84,18 @@ def grpo_args(cfg: RunConfig, output_dir: str, progress: bool) -> ArcaGRPOConfig
         layer_aggregate=cfg.layer_aggregate,
         kl_probe=cfg.kl_probe,
         kl_probe_every=cfg.kl_probe_every,
+        rollout_engine=cfg.rollout_engine,
+        rollout_noise=cfg.rollout_noise,
+        correction=cfg.correction,
+        is_clip=cfg.is_clip,
+        is_band=cfg.band(),
+        is_seq_agg=cfg.is_seq_agg,
+        rs_estimator=cfg.rs_estimator,
+        rs_level=cfg.rs_level,
+        dc_lambda0=cfg.dc_lambda0,
+        dc_lr=cfg.dc_lr,
+        dc_lambda_max=cfg.dc_lambda_max,
+        dc_target=cfg.dc_target,
         max_steps=cfg.steps,
         per_device_train_batch_size=cfg.batch_completions // cfg.grad_accum,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -217,8 +229,13 @@ def train(cfg: RunConfig, progress: bool = True) -> Path:
             trainer.add_callback(QuietProgress)
         layers = adapter_init_stats(trainer.model)
         w_lm_op = torch.linalg.matrix_norm(base_head(trainer.model).weight.detach().float(), ord=2).item()
+        evals = {}
+        if trainer.rollout_engine is not None:  # held-out accuracy under the engine too (its own precision)
+            evals |= _engine_eval(trainer, tokenizer, task, eval_rows, cfg, "before")
         trainer.train()
         after = _evaluate(trainer.model, tokenizer, task, eval_rows, cfg)
+        if trainer.rollout_engine is not None:
+            evals |= _engine_eval(trainer, tokenizer, task, eval_rows, cfg, "after")
 
         shutil.rmtree(staging / "trainer", ignore_errors=True)
         trainer.model.save_pretrained(staging / "adapter")
@@ -231,7 +248,13 @@ def train(cfg: RunConfig, progress: bool = True) -> Path:
             "vocab_size": float(base_head(trainer.model).weight.size(0)),
         }
         ds = build_dataset(
-            cfg, recorder.logs, trainer.last_batch, layers, _eval_vars(before, after), scalars, base_model
+            cfg,
+            recorder.logs,
+            trainer.last_batch,
+            layers,
+            _eval_vars(before, after) | evals,
+            scalars,
+            base_model,
         )
         ds.attrs["measurement_json"] = json.dumps(trainer.measurement_info())
         write_netcdf(ds, staging / "run.nc")
@@ -254,6 +277,28 @@ def _evaluate(model, tokenizer, task: Task, rows, cfg: RunConfig) -> EvalResult:
         top_p=cfg.top_p,
         seed=EVAL_SEED,
     )
+
+
+def _engine_eval(trainer, tokenizer, task: Task, rows, cfg: RunConfig, when: str) -> dict[str, Any]:
+    """Greedy accuracy and pass@k of the rollout engine synced to the current policy, `when` = before / after.
+    Under a forked RNG, so adding an engine changes nothing else of the run."""
+    engine = trainer.rollout_engine
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    blank, engine.model.generation_config = (
+        engine.model.generation_config,
+        policy.generation_config,
+    )  # EOS, pad
+    try:
+        with torch.random.fork_rng(devices=[]):
+            engine.sync(policy)
+            res = _evaluate(engine.model, tokenizer, task, rows, cfg)
+    finally:
+        engine.model.generation_config = blank
+    return {
+        f"greedy_accuracy_{when}_engine": res.greedy_accuracy,
+        f"pass_at_k_{when}_engine": res.pass_at_k,
+        f"greedy_correct_{when}_engine": res.greedy_correct,
+    }
 
 
 def _eval_vars(before: EvalResult, after: EvalResult) -> dict[str, Any]:

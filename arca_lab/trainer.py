@@ -66,6 +66,18 @@ from arca_lab.models import (
     lm_head_of,
     logit_transform,
 )
+from arca_lab.rollout.correction import (
+    CORRECTIONS,
+    CorrectionResult,
+    check_correction_args,
+    check_dc_args,
+    correction_weights,
+    dc_advantages,
+    dc_update,
+    mismatch_metrics,
+    per_token_delta,
+)
+from arca_lab.rollout.engines import ENGINES, check_engine, completion_logprobs, make_engine
 
 _NEEDS_BASE = ("arca", "divergence")
 KL_PROBE_KEYS = (*KL_NAMES, "ref_logps")
@@ -96,8 +108,43 @@ class ArcaGRPOConfig(GRPOConfig):
         },
     )
 
+    rollout_engine: str = field(
+        default="same", metadata={"help": f"Who samples: one of {ENGINES} (same: the trainer itself)."}
+    )
+    rollout_noise: float = field(default=0.0, metadata={"help": "Engine noise: relative weight-noise scale."})
+    correction: str = field(
+        default="none", metadata={"help": f"Train-inference correction, one of {CORRECTIONS}."}
+    )
+    is_clip: float = field(default=2.0, metadata={"help": "Truncation threshold C of the importance ratio."})
+    is_band: tuple[float, float] = field(default=(0.5, 2.0), metadata={"help": "(lo, hi) ratio band."})
+    is_seq_agg: str = field(default="sum", metadata={"help": "Sequence ratio: sum or mean of log-ratios."})
+    rs_estimator: str = field(default="k1", metadata={"help": "Rejection estimator: k1, k2 or k3."})
+    rs_level: str = field(default="token", metadata={"help": "Rejection level: token or sequence."})
+    dc_lambda0: float = field(default=0.1, metadata={"help": "DC-GRPO: initial lambda."})
+    dc_lr: float = field(default=1.0, metadata={"help": "DC-GRPO: dual step size."})
+    dc_lambda_max: float = field(default=1.0, metadata={"help": "DC-GRPO: upper clip of lambda."})
+    dc_target: float = field(
+        default=-1.0,
+        metadata={"help": "DC-GRPO: tolerance c; < 0: the bf16 engine's median delta, first batch."},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_engine(self.rollout_engine, self.rollout_noise)
+        check_correction_args(
+            self.correction,
+            is_clip=self.is_clip,
+            is_band=tuple(self.is_band),
+            is_seq_agg=self.is_seq_agg,
+            rs_estimator=self.rs_estimator,
+            rs_level=self.rs_level,
+        )
+        check_dc_args(
+            lam=self.dc_lambda0,
+            target=self.dc_target if self.dc_target >= 0 else 0.0,
+            lr=self.dc_lr,
+            lam_max=self.dc_lambda_max,
+        )
         if self.credit not in CREDITS:
             raise ValueError(f"credit={self.credit!r} is not valid: choose one of {CREDITS}")
         if self.sharpening <= 0:
@@ -179,6 +226,14 @@ class ArcaGRPOTrainer(GRPOTrainer):
         self.last_batch: dict[str, torch.Tensor] | None = None
         self.forward_counts = {"base": 0, "loss": 0, "measure": 0}
         self._step_parts: list[dict[str, torch.Tensor]] = []  # micro-batch tensors of the current step
+        # Train-inference discrepancy (item 9): a separate engine samples; corrections act on the loss.
+        self.rollout_engine = make_engine(cfg.rollout_engine, policy, noise=cfg.rollout_noise, seed=cfg.seed)
+        self._engine_step = (
+            -1
+        )  # optimiser step whose weights the engine holds; -1: sync before the first rollout
+        self._mismatch = self.rollout_engine is not None or cfg.correction != "none"
+        self.dc_lambda = cfg.dc_lambda0
+        self.dc_target: float | None = cfg.dc_target if cfg.dc_target >= 0 else None
 
     # --- rollout side --------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -193,6 +248,10 @@ class ArcaGRPOTrainer(GRPOTrainer):
             self.beta = beta
         # Kept separately: `advantages` becomes (B, T) at loss time and num_iterations > 1 reuses this dict.
         out["seq_advantages"] = out["advantages"]  # (B,)
+        if self.rollout_engine is not None:
+            out["rollout_entropy"] = _pad_rows(self._rollout_entropies, out["completion_ids"])  # (B, T)
+        if self.dc_target is None and self.args.correction == "dc_grpo":  # first batch: c from a bf16 copy
+            self.dc_target = self._bf16_median_delta(out)
         if self.token_roles is not None:
             out["token_roles"] = self._roles(out["completion_ids"], out["completion_mask"])  # (B, T)
         if self._needs_base:
@@ -208,6 +267,32 @@ class ArcaGRPOTrainer(GRPOTrainer):
                     out["base_hidden"], out["completion_ids"]
                 )  # (B, T)
         return out
+
+    def _generate_single_turn(
+        self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
+    ):
+        """TRL's generation seam: with a rollout engine, sync it once per optimiser step and let it sample;
+        TRL pads the returned per-token log-probs into `sampling_per_token_logps` (as for vLLM)."""
+        if self.rollout_engine is None:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        if (
+            self.state.global_step != self._engine_step
+        ):  # new weights since the last sync (as TRL's vLLM sync)
+            self.rollout_engine.sync(self.accelerator.unwrap_model(self.model))
+            self._engine_step = self.state.global_step
+        completion_ids, logprobs = self.rollout_engine.generate(
+            prompt_ids,
+            pad_token_id=self._tokenizer.pad_token_id,
+            eos_token_ids=self.eos_token_ids,
+            max_new_tokens=self.max_completion_length,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k or 0,
+        )
+        self._rollout_entropies = self.rollout_engine.last_entropies
+        return completion_ids, logprobs
 
     def _roles(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
         roles = torch.zeros_like(completion_ids)
@@ -289,7 +374,7 @@ class ArcaGRPOTrainer(GRPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg: ArcaGRPOConfig = self.args
         inputs["advantages"] = inputs["seq_advantages"]
-        if cfg.credit == "uniform" and not cfg.kl_probe:
+        if cfg.credit == "uniform" and not cfg.kl_probe and not self._mismatch:
             with self._merged_head(model):
                 self.forward_counts["loss"] += 1
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -385,6 +470,9 @@ class ArcaGRPOTrainer(GRPOTrainer):
             eps=cfg.credit_eps,
         )
         advantages = token_advantages(inputs["seq_advantages"], weights, mask)  # (B, T)
+        mismatch = self._mismatch_part(inputs, stats, mask) if self._mismatch else {}
+        if mismatch:
+            advantages = self._corrected(advantages, mismatch, mask)  # (B, T)
         fallback = (
             fallback_rows(scores, mask, cfg.sharpening, cfg.credit_eps)
             if cfg.credit != "uniform"
@@ -415,6 +503,7 @@ class ArcaGRPOTrainer(GRPOTrainer):
             "policy_logps": stats["policy_logps"],
             "policy_entropy": stats["policy_entropy"],
             **probe,
+            **mismatch,
         }
         part = {k: v.detach().float().cpu() for k, v in part.items()}
         self.last_batch = {k: v for k, v in part.items() if k not in _STEP_ONLY}
@@ -443,6 +532,12 @@ class ArcaGRPOTrainer(GRPOTrainer):
                 "policy_logps": logp.gather(-1, completion_ids[sl].unsqueeze(-1)).squeeze(-1),  # (b, T)
                 "policy_entropy": -(logp.exp() * logp).sum(-1),
             }
+            if (
+                self._mismatch
+            ):  # pi_train at the sampling temperature, what the engine's log-probs compare with
+                logp_tau = (policy_logits / self.temperature).log_softmax(-1)
+                part["train_logps"] = logp_tau.gather(-1, completion_ids[sl].unsqueeze(-1)).squeeze(-1)
+                part["train_entropy"] = -(logp_tau.exp() * logp_tau).sum(-1)
             if probing:
                 rows = base_rows[sl]  # (b,)
                 probed: dict[str, torch.Tensor] = {}
@@ -476,7 +571,73 @@ class ArcaGRPOTrainer(GRPOTrainer):
             else "none",
             "probe_temperature": 1.0,
             "sequence_kl_estimates": self._samples_from_policy(),
+            "rollout_engine": cfg.rollout_engine,
+            "rollout_noise": cfg.rollout_noise,
+            "correction": cfg.correction,
+            "dc_target": self.dc_target,
+            "dc_target_source": "config" if cfg.dc_target >= 0 else "bf16 engine median delta, first batch",
+            "engine_sync_seconds": getattr(self.rollout_engine, "sync_seconds", 0.0),
+            "engine_generate_seconds": getattr(self.rollout_engine, "generate_seconds", 0.0),
         }
+
+    # --- train-inference discrepancy ----------------------------------------------------------------------
+    def _mismatch_part(self, inputs: dict[str, Any], stats: dict[str, torch.Tensor], mask: torch.Tensor):
+        """Per-token train vs rollout quantities of one micro-batch (arca_lab.rollout.correction)."""
+        cfg: ArcaGRPOConfig = self.args
+        train = stats["train_logps"]  # (B, T) log pi_train(y_t) at the sampling temperature, float32
+        # "same": the trainer's own numbers stand for the rollout's, so the discrepancy is 0 by construction.
+        rollout = inputs["sampling_per_token_logps"].float() if self.rollout_engine is not None else train
+        corr = correction_weights(
+            cfg.correction,
+            train,
+            rollout,
+            mask,
+            is_clip=cfg.is_clip,
+            is_band=tuple(cfg.is_band),
+            is_seq_agg=cfg.is_seq_agg,
+            rs_estimator=cfg.rs_estimator,
+            rs_level=cfg.rs_level,
+        )
+        entropy = inputs.get("rollout_entropy", stats["train_entropy"])  # (B, T)
+        return {
+            "train_logps": train,
+            "rollout_logps": torch.where(mask.bool(), rollout, 0.0),
+            "mismatch_delta": per_token_delta(train, rollout, mask),
+            "correction_weights": corr.weights,
+            "correction_masked": corr.masked.float(),
+            "correction_clipped": corr.clipped.float(),
+            "train_entropy": stats["train_entropy"],
+            "rollout_entropy": entropy,
+        }
+
+    def _corrected(
+        self, advantages: torch.Tensor, m: dict[str, torch.Tensor], mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Apply the correction to the per-token advantages A_t (B, T).
+
+        IS weights w_t >= 0 multiply A_t: for TRL's clipped loss min(r A w, clip(r) A w) = w min(r A, clip(r) A),
+        exactly TRL's `per_token_loss * importance_sampling_ratio` (its vLLM path), and the beta KL term, added
+        after, is left alone as there. DC-GRPO shapes the advantage: A_t - lambda delta_t (arXiv 2606.08779)."""
+        if self.args.correction == "dc_grpo":
+            return dc_advantages(advantages, m["mismatch_delta"], self.dc_lambda, mask)
+        return advantages * m["correction_weights"]
+
+    @torch.no_grad()
+    def _bf16_median_delta(self, out: dict[str, Any]) -> float:
+        """DC-GRPO's default tolerance c: the median delta between a bf16 copy of the current policy and the policy
+        itself (both teacher-forced, at the sampling temperature) on the first batch: the paper's c = 0.0037 was
+        set for a 150k-token vocabulary, so it is measured here instead."""
+        policy = self.accelerator.unwrap_model(self.model)
+        mask = out["completion_mask"].bool()  # (B, T)
+        prompts = [p[m.bool()].tolist() for p, m in zip(out["prompt_ids"], out["prompt_mask"], strict=True)]
+        completions = [c[m].tolist() for c, m in zip(out["completion_ids"], mask, strict=True)]
+        kw = dict(pad_token_id=self._tokenizer.pad_token_id, temperature=self.temperature)
+        with _no_dropout(policy):
+            train = completion_logprobs(policy, prompts, completions, **kw)
+        bf16 = completion_logprobs(make_engine("bf16", policy).model, prompts, completions, **kw)
+        padded = [_pad_rows(x, out["completion_ids"]).cpu() for x in (train, bf16)]  # (B, T) each
+        delta = per_token_delta(padded[0], padded[1], mask.cpu())
+        return float(delta[mask.cpu()].median())
 
     # --- per-step metrics --------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch):
@@ -493,6 +654,22 @@ class ArcaGRPOTrainer(GRPOTrainer):
         metrics = self._metrics[mode]
         for k, v in step_metrics(parts, self._samples_from_policy()).items():
             metrics[k].append(v)
+        if self._mismatch:
+            cfg: ArcaGRPOConfig = self.args
+            mm = mismatch_step_metrics(parts)
+            for k, v in mm.items():
+                metrics[k].append(v)
+            if cfg.correction == "dc_grpo":
+                metrics["dc_lambda"].append(self.dc_lambda)  # the lambda this step used
+                metrics["dc_c"].append(self.dc_target)  # the tolerance c (config field dc_target)
+                if mode == "train":
+                    self.dc_lambda = dc_update(
+                        self.dc_lambda,
+                        mm["mismatch_delta_mean"],
+                        target=self.dc_target,
+                        lr=cfg.dc_lr,
+                        lam_max=cfg.dc_lambda_max,
+                    )
 
     def _samples_from_policy(self) -> bool:
         """Whether completions are samples of π_θ itself (temperature 1, no truncation): sequence KL estimates
@@ -596,6 +773,29 @@ def step_metrics(parts: list[dict[str, torch.Tensor]], sequence_estimates: bool 
         out["head_input/base_max_norm"] = _masked_max(b["base_head_input_norm"][rows], pm)
         probe = {k: b[k][rows] for k in (*KL_PROBE_KEYS, "policy_logps")}
         out.update(summarize_kl(probe, pm, sequence_estimates=sequence_estimates))
+    return out
+
+
+def mismatch_step_metrics(parts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """The step's train-inference metrics (arca_lab.rollout.correction.mismatch_metrics names) from all its
+    micro-batches pooled, plus `rollout_entropy_mean` / `train_entropy_mean` (per token at the sampling
+    temperature, mean over valid tokens)."""
+    b = {k: _cat_rows([p[k] for p in parts]) for k in parts[0]}
+    mask = b["completion_mask"].bool()
+    corr = CorrectionResult(
+        b["correction_weights"], b["correction_masked"].bool(), b["correction_clipped"].bool()
+    )
+    out = mismatch_metrics(b["train_logps"], b["rollout_logps"], mask, correction=corr)
+    out["rollout_entropy_mean"] = float(b["rollout_entropy"][mask].mean()) if mask.any() else math.nan
+    out["train_entropy_mean"] = float(b["train_entropy"][mask].mean()) if mask.any() else math.nan
+    return out
+
+
+def _pad_rows(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
+    """Right-pad ragged per-token lists into a tensor shaped (and placed) like `like` (B, T), zeros elsewhere."""
+    out = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row[: like.size(1)], dtype=torch.float32)
     return out
 
 
