@@ -58,3 +58,35 @@ def test_too_few_seeds_give_no_interval():
 def test_bad_input():
     with pytest.raises(ValueError, match="finite"):
         fit_hinge([0.0, 1.0, math.nan], [1.0, 2.0, 3.0])
+
+
+def test_edges_table_and_hypothesis_on_synthetic_discrepancy_points():
+    """Two ranks with known edges (rank 1 tolerates one decade more): the pre-registered test says supported;
+    swapped edges say contradicted; equal edges inconclusive."""
+    import pandas as pd
+
+    from arca_lab.analysis.tolerance import edges_table, hypothesis
+
+    def points(edge1: float, edge16: float) -> pd.DataFrame:
+        rows = []
+        for rank, edge in ((1, edge1), (16, edge16)):
+            x, y, s = _runs(edge=edge, seed=rank)
+            rows += [
+                dict(
+                    rank=rank,
+                    seed=int(si),
+                    correction="none",
+                    log10_delta=xi,
+                    reward=yi,
+                    kl_ref_policy_mean=0.1,
+                )
+                for xi, yi, si in zip(x, y, s, strict=True)
+            ]
+        return pd.DataFrame(rows)
+
+    table = edges_table(points(-1.5, -2.5))
+    assert list(table["rank"]) == [1, 16] and table["bracketed"].all()
+    assert table.loc[0, "lo"] < -1.5 < table.loc[0, "hi"]
+    assert hypothesis(points(-1.5, -2.5), 1, 16)[1] == "supported"
+    assert hypothesis(points(-2.5, -1.5), 1, 16)[1] == "contradicted"
+    assert hypothesis(points(-2.0, -2.0), 1, 16)[1] == "inconclusive"

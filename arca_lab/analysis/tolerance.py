@@ -24,9 +24,11 @@ Notation:
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
+import pandas as pd
 
 from theory.stats import LEVEL, MIN_SEEDS, SeedInterval, t_interval
 
@@ -96,3 +98,77 @@ def edge_difference(a: tuple[Any, Any, Any], b: tuple[Any, Any, Any], level: flo
         )
     iv = t_interval([pb[s] - pa[s] for s in common], level=level, min_seeds=MIN_SEEDS)
     return iv._replace(estimate=fb - fa) if not iv.has_interval else iv
+
+
+# ------------------------------------------------------------------------------------------- sweep tables
+def discrepancy_points(cube: Any, last_steps: int = 3) -> pd.DataFrame:
+    """One row per run of a discrepancy sweep: its axes, run_id, `reward` (mean of the last `last_steps` steps),
+    `delta_mean` (the run's mean over all steps of `mismatch_delta_mean`, the per-token |π_train − π_rollout| at
+    the sampled tokens), `log10_delta`, `kl_ref_policy_mean` (last steps, KL(π_base‖π_θ) per token on the probe
+    rows), `acc_after` / `acc_after_engine` (held-out greedy accuracy under the trainer and under the engine)."""
+    from arca_lab.analysis.tables import _last, _points, sweep_axes
+
+    rows = []
+    axes = sweep_axes(cube)
+    for p in _points(cube):
+        row: dict[str, Any] = {a: p[a].item() for a in axes}
+        row["run_id"] = p["run_id"].item()
+        last = _last(p, last_steps)
+        row["reward"] = float(last["reward"].mean())
+        delta = p["mismatch_delta_mean"].values if "mismatch_delta_mean" in p else np.full(1, 0.0)
+        row["delta_mean"] = float(np.nanmean(delta))
+        row["log10_delta"] = math.log10(row["delta_mean"]) if row["delta_mean"] > 0 else -math.inf
+        row["kl_ref_policy_mean"] = (
+            float(last["kl_ref_policy_mean"].mean()) if "kl_ref_policy_mean" in p else math.nan
+        )
+        for name in ("acc_after", "acc_after_engine"):
+            var = "greedy_accuracy_after" + name.removeprefix("acc_after")
+            row[name] = float(p[var]) if var in p else math.nan
+        for field in ("rollout_engine", "rollout_noise", "correction", "seed", "rank"):
+            if field not in row and field in p.coords:
+                row[field] = p.coords[field].item()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def edges_table(points: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
+    """Per rank, over the uncorrected runs (`correction` none) with a finite delta: the hinge edge (log10 δ) with
+    its seed-unit interval, plateau reward, slope, whether the edge is bracketed, the rank's mean KL to the base
+    (so that rank and KL scale are not confused), and the number of runs and seeds."""
+    out = []
+    base = points[(points["correction"] == "none") & np.isfinite(points["log10_delta"])]
+    for rank, g in base.groupby("rank"):
+        hinge = fit_hinge(g["log10_delta"], g["reward"])
+        iv = edge_interval(g["log10_delta"], g["reward"], g["seed"], level=level)
+        out.append(
+            dict(
+                rank=rank,
+                edge=iv.estimate,
+                lo=iv.lo,
+                hi=iv.hi,
+                note=iv.reason,
+                plateau=hinge.plateau,
+                slope=hinge.slope,
+                bracketed=not hinge.at_grid_end,
+                kl_ref_policy_mean=float(g["kl_ref_policy_mean"].mean()),
+                runs=len(g),
+                seeds=g["seed"].nunique(),
+            )
+        )
+    return pd.DataFrame(out)
+
+
+def hypothesis(points: pd.DataFrame, low: int, high: int, level: float = LEVEL) -> tuple[SeedInterval, str]:
+    """The pre-registered test: edge(rank `low`) − edge(rank `high`) with its paired seed-unit interval, and the
+    verdict: "supported" (interval above 0: the low rank tolerates more), "contradicted" (below 0), or
+    "inconclusive" (contains 0, or no interval)."""
+    base = points[(points["correction"] == "none") & np.isfinite(points["log10_delta"])]
+
+    def group(rank: int) -> tuple[Any, Any, Any]:
+        g = base[base["rank"] == rank]
+        return g["log10_delta"].to_numpy(), g["reward"].to_numpy(), g["seed"].to_numpy()
+
+    d = edge_difference(group(high), group(low), level=level)
+    if not d.has_interval:
+        return d, "inconclusive"
+    return d, "supported" if d.lo > 0 else "contradicted" if d.hi < 0 else "inconclusive"
