@@ -7,6 +7,8 @@ with `base_model_prefix`, so any causal LM that peft supports works.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -198,3 +200,18 @@ def dropout_sources(model: nn.Module) -> list[str]:
     if isinstance(attn, int | float) and attn > 0:
         found.append(f"config.attention_dropout={attn}")
     return found
+
+
+@contextmanager
+def no_dropout(model: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode for the call (all dropout off: nn.Dropout and the functional attention dropout
+    HF attention applies when its module is training), the flags restored afterwards. The root keeps its flag:
+    TRL routes its metrics by `model.training`, and no computation reads the root's flag."""
+    switched = [m for m in model.modules() if m is not model and m.training]
+    for m in switched:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.training = True

@@ -65,6 +65,7 @@ from arca_lab.models import (
     lm_head_module_name,
     lm_head_of,
     logit_transform,
+    no_dropout,
 )
 from arca_lab.rollout.correction import (
     CORRECTIONS,
@@ -242,7 +243,7 @@ class ArcaGRPOTrainer(GRPOTrainer):
             self.beta = 0.0  # TRL's own reference pass is replaced by the shared base pass below
         try:
             # Sampling (and the base pass below) without dropout: the policy that samples is the deterministic one.
-            with _no_dropout(self.accelerator.unwrap_model(self.model)):
+            with no_dropout(self.accelerator.unwrap_model(self.model)):
                 out = super()._generate_and_score_completions(inputs)
         finally:
             self.beta = beta
@@ -336,7 +337,7 @@ class ArcaGRPOTrainer(GRPOTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         chunk = self.args.per_device_train_batch_size
         last, layers = [], []
-        with policy.disable_adapter(), _no_dropout(policy):
+        with policy.disable_adapter(), no_dropout(policy):
             for s in range(0, input_ids.size(0), chunk):
                 with self._capture(policy) as store:
                     self._backbone(
@@ -405,7 +406,7 @@ class ArcaGRPOTrainer(GRPOTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)  # (B, P + T)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        with _no_dropout(policy), self._capture(policy, branches=True) as store:
+        with no_dropout(policy), self._capture(policy, branches=True) as store:
             self._backbone(input_ids=input_ids, attention_mask=attention_mask)
         self.forward_counts["measure"] += 1
         return store
@@ -421,7 +422,7 @@ class ArcaGRPOTrainer(GRPOTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)[:1]  # (1, P + T)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)[:1]
-        with _no_dropout(policy), self._capture(policy) as store:
+        with no_dropout(policy), self._capture(policy) as store:
             want = policy(input_ids=input_ids, attention_mask=attention_mask).logits  # (1, P + T, V)
         got = self._policy_logits(store["last"])  # (1, P + T, V) float32
         valid = attention_mask.bool()  # (1, P + T)
@@ -632,7 +633,7 @@ class ArcaGRPOTrainer(GRPOTrainer):
         prompts = [p[m.bool()].tolist() for p, m in zip(out["prompt_ids"], out["prompt_mask"], strict=True)]
         completions = [c[m].tolist() for c, m in zip(out["completion_ids"], mask, strict=True)]
         kw = dict(pad_token_id=self._tokenizer.pad_token_id, temperature=self.temperature)
-        with _no_dropout(policy):
+        with no_dropout(policy):
             train = completion_logprobs(policy, prompts, completions, **kw)
         bf16 = completion_logprobs(make_engine("bf16", policy).model, prompts, completions, **kw)
         padded = [_pad_rows(x, out["completion_ids"]).cpu() for x in (train, bf16)]  # (B, T) each
@@ -810,20 +811,6 @@ def _cat_rows(xs: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(xs)
     T = max(x.size(1) for x in xs)
     return torch.cat([torch.nn.functional.pad(x, (0, T - x.size(1))) for x in xs])
-
-
-@contextmanager
-def _no_dropout(model: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode (all dropout off: nn.Dropout and functional attention dropout), the root
-    left as it is, because TRL routes its metrics by `model.training`."""
-    switched = [m for m in model.modules() if m is not model and m.training]
-    for m in switched:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m in switched:
-            m.training = True
 
 
 @contextmanager

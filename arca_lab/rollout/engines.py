@@ -59,7 +59,7 @@ from torch import nn
 from transformers import GenerationConfig
 from transformers.pytorch_utils import Conv1D
 
-from arca_lab.models import lm_head_of
+from arca_lab.models import lm_head_of, no_dropout
 
 ENGINES: tuple[str, ...] = ("same", "fp32", "bf16", "int8", "noise")
 """Rollout engine kinds; "same" means the trainer samples with its own model (no engine)."""
@@ -349,7 +349,7 @@ def sample(
         disable_compile=True,
     )
     rng = _forked_rng(device, seed) if seed is not None else nullcontext()
-    with rng, torch.no_grad(), _no_dropout(model):
+    with rng, torch.no_grad(), no_dropout(model):
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
         )
@@ -392,7 +392,7 @@ def completion_logprobs(
         mask[i, P - len(p) : P + len(c)] = 1
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P + T)
     device = next(model.parameters()).device
-    with torch.no_grad(), _no_dropout(model):
+    with torch.no_grad(), no_dropout(model):
         logits = model(
             input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
         ).logits  # (B, P + T, V)
@@ -423,19 +423,6 @@ def _check_sampling(
         raise ValueError(f"top_p={top_p} is not valid: use 0 < top_p <= 1")
     if top_k < 0:
         raise ValueError(f"top_k={top_k} is not valid: use 0 (off) or k >= 1")
-
-
-@contextmanager
-def _no_dropout(model: nn.Module) -> Iterator[None]:
-    """Every module in eval mode for the call (all dropout off), the training flags restored afterwards."""
-    switched = [m for m in model.modules() if m.training]
-    for m in switched:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m in switched:
-            m.training = True
 
 
 @contextmanager
