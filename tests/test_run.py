@@ -179,7 +179,9 @@ def test_save_every_keeps_the_adapter_of_that_step(tiny_model_dir, tmp_path, mon
 
     monkeypatch.setattr(run_module, "ArcaGRPOTrainer", with_snapshot)
     # the tiny random model never solves the task: reward the completion length's parity so the adapter moves
-    monkeypatch.setattr(run_module.get_task("arith").__class__, "reward", lambda self, c, a: float(len(c) % 2))
+    monkeypatch.setattr(
+        run_module.get_task("arith").__class__, "reward", lambda self, c, a: float(len(c) % 2)
+    )
     cfg = make_config(
         model=str(tiny_model_dir), out=str(tmp_path / "run"), save_every=2, lr=5e-2, **{**TINY, "steps": 4}
     )
