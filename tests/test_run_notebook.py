@@ -3,11 +3,15 @@ in the runner's interpreter (sweep-local kernelspec), writing a run.nc with the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import fields
 
+import nbformat
+import numpy as np
 import pytest
+from nbclient.exceptions import DeadKernelError
 
 from arca_lab.config import RunConfig, field_docs, make_config
 from arca_lab.results import load_run
@@ -20,6 +24,7 @@ from arca_lab.sweep.execute import (
     notebook_parameters,
     parameter_lines,
 )
+from arca_lab.sweep.kernel import WarmKernel
 
 pm = pytest.importorskip("papermill")
 TINY = dict(
@@ -100,3 +105,73 @@ def test_notebook_runs_with_tiny_parameters(tiny_model_dir, tmp_path):
     )  # the kernel is this interpreter, not a "python3" found on PATH
     assert nb["metadata"]["papermill"]["parameters"]["rank"] == 2
     assert f"kernelspec: {(jupyter / 'kernels' / 'arca-lab-sweep').resolve()}\n" in printed
+
+
+def _printed(notebook) -> str:
+    nb = json.loads(notebook.read_text())
+    return "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
+
+
+# run.nc variables that measure time, not the run: they differ between any two executions
+TIMING_VARIABLES = ("step_time",)
+
+
+def test_a_warm_kernel_runs_each_notebook_as_a_fresh_kernel_would(tiny_model_dir, tmp_path):
+    """Three notebooks in one warm kernel: the second equals the same config run alone in a new kernel (the run
+    before it leaves nothing behind), a warning shows in every run it applies to, the counter restarts at 1."""
+    jupyter = tmp_path / "jupyter"
+    install_kernel(jupyter, threads=1)
+
+    def config(name: str, **values):
+        return make_config(model=str(tiny_model_dir), out=str(tmp_path / name), threads=1, **TINY | values)
+
+    head_arca = dict(
+        credit="arca", target_modules="lm_head", seed=3
+    )  # the trainer warns: ARCA == uniform here
+    alone = config("alone", rank=2, seed=1, sharpening=2.0)
+    execute_notebook(RUN_NOTEBOOK, tmp_path / "alone.ipynb", notebook_parameters(alone), jupyter, tmp_path)
+    with WarmKernel(jupyter) as kernel:
+        for name, cfg in (
+            ("first", config("first", **head_arca)),
+            ("second", dataclasses.replace(alone, out=str(tmp_path / "second"))),
+            ("third", config("third", **head_arca)),
+        ):
+            kernel.execute(RUN_NOTEBOOK, tmp_path / f"{name}.ipynb", notebook_parameters(cfg), tmp_path)
+        assert kernel.starts == 1 and kernel.notebooks == 3
+
+    fresh, warm = load_run(tmp_path / "alone"), load_run(tmp_path / "second")
+    assert set(fresh.data_vars) == set(warm.data_vars)
+    for name in sorted(set(fresh.data_vars) - set(TIMING_VARIABLES)):
+        np.testing.assert_array_equal(warm[name].values, fresh[name].values, err_msg=name)
+    assert "a new kernel" in _printed(tmp_path / "alone.ipynb")
+    for n, name in enumerate(("first", "second", "third"), start=1):
+        printed = _printed(tmp_path / f"{name}.ipynb")
+        assert f"notebook {n} executed in it; namespace reset before it" in printed, name
+        cells = json.loads((tmp_path / f"{name}.ipynb").read_text())["cells"]
+        counts = [c["execution_count"] for c in cells if c["cell_type"] == "code"]
+        assert counts == list(range(1, len(counts) + 1)), name  # as in a new kernel
+    for name in ("first", "third"):  # "warn once" would have shown it in the first notebook only
+        assert "ARCA == uniform credit here" in _printed(tmp_path / f"{name}.ipynb"), name
+
+
+def test_a_warm_kernel_that_died_is_replaced_for_the_next_notebook(tmp_path):
+    jupyter = tmp_path / "jupyter"
+    install_kernel(jupyter)
+    stub = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                "die: bool = False  # end the kernel", metadata={"tags": ["parameters"]}
+            ),
+            nbformat.v4.new_code_cell("import os\nif die:\n    os._exit(1)\nprint('pid', os.getpid())"),
+        ],
+        metadata={"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"}},
+    )
+    nbformat.write(stub, tmp_path / "stub.ipynb")
+    with WarmKernel(jupyter) as kernel:
+        kernel.execute(tmp_path / "stub.ipynb", tmp_path / "a.ipynb", {}, tmp_path)
+        with pytest.raises(DeadKernelError):
+            kernel.execute(tmp_path / "stub.ipynb", tmp_path / "b.ipynb", {"die": True}, tmp_path)
+        kernel.execute(tmp_path / "stub.ipynb", tmp_path / "c.ipynb", {}, tmp_path)
+        assert kernel.starts == 2 and kernel.notebooks == 3
+    pids = [_printed(tmp_path / f"{name}.ipynb").split()[-1] for name in ("a", "c")]
+    assert pids[0] != pids[1]  # the third notebook ran in a new kernel

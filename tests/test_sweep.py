@@ -10,6 +10,8 @@ import dataclasses
 import itertools
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,24 +20,21 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
+import xarray as xr
 
 from arca_lab.config import make_config
 from arca_lab.results import load_run, write_netcdf
 from arca_lab.run import train
 from arca_lab.sweep import EX_USAGE, combine_runs, combine_sweep, load_sweep, main, report_main, run_sweep
+from arca_lab.sweep import cost as sweep_cost
+from arca_lab.sweep import cube as sweep_cube
 from arca_lab.sweep import execute as sweep_exec
-from arca_lab.sweep import grid as sweep_grid
-from arca_lab.sweep.grid import (
-    ARM_FACTOR,
-    COST,
-    CREDIT_FACTOR,
-    FIXED_ALPHA,
-    axis_values_of,
-    estimate_run_seconds,
-    estimate_seconds,
-    make_grid,
-    run_id,
-)
+from arca_lab.sweep import progress as sweep_progress
+from arca_lab.sweep import runner as sweep_runner
+from arca_lab.sweep.clock import CLOCK_ENV, FirstStep, read_first_step, step_clock
+from arca_lab.sweep.cost import ARM_FACTOR, COST, CREDIT_FACTOR, estimate_run_seconds, estimate_seconds
+from arca_lab.sweep.cube import load_runs
+from arca_lab.sweep.grid import FIXED_ALPHA, axis_values_of, make_grid, run_id
 
 TINY = dict(
     steps=2, prompts_per_step=2, num_generations=2, max_completion_length=12, eval_prompts=4, pass_k=2
@@ -108,6 +107,7 @@ def test_presets_build_their_grids():
 
 
 ROUND_COST = dict(
+    kernel=5.0,
     notebook=10.0,
     setup=2.0,
     per_completion=0.01,
@@ -116,6 +116,7 @@ ROUND_COST = dict(
     analysis=20.0,
     analysis_per_run=1.0,
     startup=3.0,
+    combine=4.0,
     combine_per_run=0.5,
 )
 """Round calibration constants, so that the expected seconds below are worked out by hand, not by the formula."""
@@ -127,15 +128,19 @@ def round_costs(monkeypatch):
         monkeypatch.setitem(COST, key, value)
     monkeypatch.setitem(CREDIT_FACTOR, "arca", 1.5)
     monkeypatch.setitem(ARM_FACTOR, "lm_head", 0.5)
-    monkeypatch.setattr(sweep_grid, "BETA_FACTOR", 2.0)
+    monkeypatch.setattr(sweep_cost, "BETA_FACTOR", 2.0)
+    monkeypatch.setattr(sweep_cost, "ESTIMATE_RANGE", (0.8, 1.5))
+    monkeypatch.setattr(sweep_cost, "FIRST_STEP_SPREAD", (0.5, 2.0))
+
+
+BASE = dict(steps=10, prompts_per_step=16, num_generations=8, eval_prompts=50, pass_k=4, threads=1)
 
 
 def test_cost_model_by_hand(round_costs):
     """Seconds of a 3-run grid, worked out by hand with the round constants of ROUND_COST."""
-    base = dict(steps=10, prompts_per_step=16, num_generations=8, eval_prompts=50, pass_k=4, threads=1)
-    a = make_config(**base)  # credit uniform, all-linear, beta 0
-    b = make_config(**base, credit="arca", target_modules="lm_head")
-    c = make_config(**base, beta=0.05)
+    a = make_config(**BASE)  # credit uniform, all-linear, beta 0
+    b = make_config(**BASE, credit="arca", target_modules="lm_head")
+    c = make_config(**BASE, beta=0.05)
     # a: 16 x 8 = 128 completions x 0.01 s = 1.28 s per step (1 thread: speed-up 1), x 10 steps = 12.8 s;
     #    evals 2 (before, after) x 50 prompts x (1 greedy + 4 samples) x 0.001 s = 0.5 s;
     #    10 notebook + 2 setup + 0.5 + 12.8 = 25.3 s
@@ -144,17 +149,56 @@ def test_cost_model_by_hand(round_costs):
     assert estimate_run_seconds(b) == pytest.approx(22.1)
     # c: step 1.28 x 2 (beta > 0) = 2.56 s, x 10 = 25.6 s: 10 + 2 + 0.5 + 25.6 = 38.1 s
     assert estimate_run_seconds(c) == pytest.approx(38.1)
-    # [a, a, b] over 2 workers in order: a -> worker 1 (25.3), a -> worker 2 (25.3), b -> the first free one,
-    # worker 1 (25.3 + 22.1 = 47.4): makespan 47.4 s. Plus build 100, startup 3, analysis 20 and, for each of the
-    # 3 runs, combine 0.5 + verify-bound 1: 100 + 3 + 47.4 + 20 + 4.5 = 174.9 s
-    assert estimate_seconds([a, a, b], workers=2, build_cached=False) == pytest.approx(174.9)
-    # [c, a, b] over 2 workers: c -> 1 (38.1), a -> 2 (25.3), b -> 2 (47.4): makespan 47.4, base model cached:
-    # 3 + 47.4 + 20 + 4.5 = 74.9 s
-    assert estimate_seconds([c, a, b], workers=2) == pytest.approx(74.9)
-    # a resumed sweep with only a left to run still combines and analyses all 300 runs: 3 + 25.3 + 20 + 450
-    assert estimate_seconds([a], workers=2, total_runs=300) == pytest.approx(498.3)
+    # [a, a, b] over 2 warm workers in order: a -> worker 1 (kernel 5 + 25.3 = 30.3), a -> worker 2 (30.3),
+    # b -> the first free one, worker 1, whose kernel is warm (30.3 + 22.1 = 52.4): makespan 52.4 s. Plus build 100,
+    # startup 3, combine 4, analysis 20 and, for each of the 3 runs, combine 0.5 + verify-bound 1:
+    # 100 + 3 + 52.4 + 4 + 20 + 4.5 = 183.9 s
+    assert estimate_seconds([a, a, b], workers=2, build_cached=False) == pytest.approx(183.9)
+    # the same with a new kernel for every run (Slurm): b -> worker 1 at 30.3 + 5 + 22.1 = 57.4
+    assert estimate_seconds([a, a, b], workers=2, build_cached=False, warm=False) == pytest.approx(188.9)
+    # [c, a, b] over 2 workers: c -> 1 (5 + 38.1), a -> 2 (5 + 25.3), b -> 2 (30.3 + 22.1 = 52.4): makespan 52.4,
+    # base model cached: 3 + 52.4 + 4 + 20 + 4.5 = 83.9 s
+    assert estimate_seconds([c, a, b], workers=2) == pytest.approx(83.9)
+    # a resumed sweep with only a left to run still combines and analyses all 300 runs: 3 + 30.3 + 4 + 20 + 450
+    assert estimate_seconds([a], workers=2, total_runs=300) == pytest.approx(507.3)
     assert estimate_run_seconds(make_config(model="some/hub-model")) is None
     assert estimate_seconds([a, make_config(model="some/hub-model")], workers=2) is None
+
+
+def test_estimate_range_and_load_by_hand(round_costs):
+    # ESTIMATE_RANGE (0.8, 1.5) of 100 s; a load that would slow the sweep 2x widens the high end to 200 s
+    assert sweep_cost.estimate_range(100.0) == pytest.approx((80.0, 150.0))
+    assert sweep_cost.estimate_range(100.0, slowdown=2.0) == pytest.approx((80.0, 200.0))
+    # 2 workers x 1 thread on 2 cores: they fit alone (1); with load 2 from others, 4 want 2 cores (2);
+    # with load 0.5, 2.5 / 2 = 1.25; one worker and load 0.5 still fit (1)
+    slowdown = sweep_cost.load_slowdown
+    assert [
+        slowdown(2, 1, 2, 0.0),
+        slowdown(2, 1, 2, 2.0),
+        slowdown(2, 1, 2, 0.5),
+        slowdown(1, 1, 2, 0.5),
+    ] == [
+        1.0,
+        2.0,
+        1.25,
+        1.0,
+    ]
+
+
+def test_estimate_from_first_step_by_hand(round_costs):
+    """Models without a cost model: a measured set-up of 4 s and first step of 2 s, scaled to each run."""
+    a = make_config(**BASE, model="some/hub-model")
+    b = make_config(**BASE, model="some/hub-model", credit="arca", target_modules="lm_head")
+    first = FirstStep("r", setup=4.0, step=2.0)
+    seconds, low, high = sweep_cost.estimate_from_first_step([a, b], a, first, workers=2)
+    # a: notebook 10 + set-up 4 before and 4 after + 10 steps x 2 s = 38 s; b: its steps cost 1.5 (arca) x 0.5
+    # (head) = 0.75 of a's: 10 + 8 + 15 = 33 s. Workers: 5 + 38 and 5 + 33; makespan 43 + startup 3 + analysis 20
+    # + combine 4 + 2 runs x 1.5 = 73 s (no build: the model was there to measure)
+    assert seconds == pytest.approx(73.0)
+    # low: nothing after the last step, steps x 0.5: a 10 + 4 + 10 = 24, b 10 + 4 + 7.5 = 21.5 -> 5 + 24 + 30
+    assert low == pytest.approx(59.0)
+    # high: steps x 2: a 10 + 8 + 40 = 58, b 10 + 8 + 30 = 48 -> 5 + 58 + 30
+    assert high == pytest.approx(93.0)
 
 
 def test_cost_model_properties():
@@ -166,16 +210,21 @@ def test_cost_model_properties():
     assert all(x < y for x, y in itertools.pairwise(seconds)), seconds
     sweeps = [estimate_seconds([c, c], workers=2) for c in runs]
     assert all(x < y for x, y in itertools.pairwise(sweeps)), sweeps
-    # one worker: the sweep is the fixed part (nothing to run) plus the sum of its runs
+    # one worker: the sweep is the fixed part (nothing to run) plus one kernel start and the sum of its runs
     fixed = estimate_seconds([], workers=1, total_runs=len(runs))
-    assert estimate_seconds(runs, workers=1) == pytest.approx(fixed + sum(seconds))
+    assert estimate_seconds(runs, workers=1) == pytest.approx(fixed + COST["kernel"] + sum(seconds))
+    # ... and a new kernel for every run costs that start once per run
+    cold = estimate_seconds(runs, workers=1, warm=False)
+    assert cold == pytest.approx(fixed + len(runs) * COST["kernel"] + sum(seconds))
     # resume: of 4 runs, the 2 finished ones cost no run time; combine and analysis still cover all 4
     todo = runs[2:]
-    assert estimate_seconds(todo, workers=1, total_runs=4) == pytest.approx(fixed + sum(seconds[2:]))
+    assert estimate_seconds(todo, workers=1, total_runs=4) == pytest.approx(
+        fixed + COST["kernel"] + sum(seconds[2:])
+    )
     assert estimate_seconds(todo, workers=1, total_runs=4) < estimate_seconds(runs, workers=1)
     assert estimate_seconds([], workers=2, total_runs=4) == pytest.approx(fixed)  # everything finished
     # two workers: the makespan, at least the longest run and at most all of them in a row
-    two = estimate_seconds(runs, workers=2) - fixed
+    two = estimate_seconds(runs, workers=2) - fixed - COST["kernel"]
     assert max(seconds) <= two < sum(seconds)
 
 
@@ -185,6 +234,20 @@ def test_default_grid_fits_ten_minutes_by_the_cost_model():
     configs = [dataclasses.replace(grid.config(p, "x"), threads=1) for p in grid.points()]
     assert len(configs) == 23
     assert estimate_seconds(configs, workers=2, build_cached=False) <= 600
+
+
+def test_dry_run_prints_the_estimate_as_a_range(tmp_path, capsys, monkeypatch):
+    """The plan's range: the recorded spread (ESTIMATE_RANGE) below, the load's slow-down above when larger."""
+    monkeypatch.setattr(sweep_runner, "available_cpus", lambda: 2)
+    for load, slowdown in ((0.0, sweep_cost.ESTIMATE_RANGE[1]), (3.0, 2.5)):  # 2 workers + load 3 on 2 cores
+        monkeypatch.setattr(sweep_progress, "load_average", lambda load=load: (load, 1.0, 1.0))
+        assert main(["--preset", "full", "--dry-run", "--out", str(tmp_path / "x")]) == 0
+        header = capsys.readouterr().out.splitlines()[0]
+        assert "2 local worker(s) x 1 thread(s)" in header and f"load average {load:g} on 2 cores" in header
+        found = re.search(r"estimated ([\d.]+) min on idle cores, ([\d.]+) min-([\d.]+) min here", header)
+        seconds, low, high = (float(x) for x in found.groups())
+        assert low == pytest.approx(sweep_cost.ESTIMATE_RANGE[0] * seconds, abs=0.1)
+        assert high == pytest.approx(slowdown * seconds, abs=0.2)
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -279,6 +342,43 @@ def test_two_runs_combine_into_a_cube(tiny_model_dir, tmp_path):
         combine_runs([a, a])
 
 
+# ------------------------------------------------------------------------------------------- step clock
+def test_step_clock_records_the_steps_in_a_sweep_kernel_only(tiny_model_dir, tmp_path, monkeypatch):
+    import transformers.trainer as hf_trainer
+
+    callbacks = list(hf_trainer.DEFAULT_CALLBACKS)
+    cfg = make_config(model=str(tiny_model_dir), out=str(tmp_path / "runs" / "r-x"), **TINY)
+    monkeypatch.delenv(CLOCK_ENV, raising=False)
+    with step_clock(cfg.out):
+        assert callbacks == hf_trainer.DEFAULT_CALLBACKS  # outside a sweep kernel: nothing
+    clock_dir = tmp_path / "clock"
+    monkeypatch.setenv(CLOCK_ENV, str(clock_dir))
+    with step_clock(cfg.out):
+        train(cfg, progress=False)
+    assert callbacks == hf_trainer.DEFAULT_CALLBACKS  # taken out again
+    record = json.loads((clock_dir / "r-x.json").read_text())
+    assert len(record["steps"]) == record["max_steps"] == TINY["steps"]
+    times = [record["started"], record["train_begin"], *record["steps"], record["train_end"]]
+    assert times == sorted(times)
+    first = read_first_step(clock_dir)
+    assert first.run_id == "r-x"
+    assert first.setup == pytest.approx(record["train_begin"] - record["started"])
+    assert first.step == pytest.approx(record["steps"][0] - record["train_begin"])
+
+
+def test_read_first_step_takes_the_earliest_run_with_a_finished_step(tmp_path):
+    def write(name: str, **record) -> None:
+        (tmp_path / f"{name}.json").write_text(json.dumps({"run_id": name, **record}))
+
+    assert read_first_step(tmp_path) is None
+    write("later", started=20.0, train_begin=25.0, steps=[26.0])
+    write("earliest-no-step-yet", started=5.0, train_begin=6.0, steps=[])
+    (tmp_path / "torn.json").write_text('{"run_id": "torn", "sta')  # being replaced right now
+    assert read_first_step(tmp_path) == FirstStep("later", 5.0, 1.0)
+    write("early", started=10.0, train_begin=12.0, steps=[15.0, 16.0])
+    assert read_first_step(tmp_path) == FirstStep("early", 2.0, 3.0)
+
+
 # ----------------------------------------------------------------------------------- a tiny real sweep
 @pytest.fixture(scope="module")
 def tiny_sweep(tiny_model_dir, tmp_path_factory):
@@ -315,6 +415,14 @@ def test_sweep_writes_runs_failures_and_the_cube(tiny_sweep):
     (session,) = json.loads((out / "sweep.json").read_text())["sessions"]  # the plan and what it took
     assert (session["to_run"], session["finished"], session["failed"], session["workers"]) == (2, 1, 1, 2)
     assert session["seconds"] > 0 and session["estimated_seconds"] is None  # no cost model for a local model
+    # ... so the estimate comes from the first step the good run measured; every run's wall time is kept
+    first = session["first_step"]
+    assert first["run_id"] == GOOD and first["step_seconds"] > 0 and first["setup_seconds"] > 0
+    assert first["estimated_range"][0] < first["estimated_seconds"] < first["estimated_range"][1]
+    assert set(session["run_seconds"]) == {GOOD, BAD} and session["warm_kernels"] is True
+    clock = json.loads((out / ".work" / "clock" / f"{GOOD}.json").read_text())
+    assert len(clock["steps"]) == clock["max_steps"] == TINY["steps"]
+    assert json.loads((out / ".work" / "clock" / f"{BAD}.json").read_text())["steps"] == []  # failed before
     executed = (out / "runs" / GOOD / "run.ipynb").read_text()
     assert json.dumps(f"python: {sys.executable}\n") in executed  # the kernel is the runner's interpreter
     assert load_run(out / "runs" / GOOD)["threads"].item() == 1  # 2 cores / 2 workers
@@ -328,6 +436,22 @@ def test_sweep_writes_runs_failures_and_the_cube(tiny_sweep):
         "max_prompt_length",
     ]
     assert summary[1].split()[:6] == ["1", "uniform", "0", "all", "2r", "64"]
+
+
+def test_load_runs_in_parallel_equals_one_by_one(tiny_sweep, tmp_path, monkeypatch):
+    _, out, _ = tiny_sweep
+    good = out / "runs" / GOOD / "run.nc"
+    paths = [tmp_path / f"{i}.nc" for i in range(4)]
+    for path in paths:
+        shutil.copy(good, path)
+    paths[1].write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # truncated
+    monkeypatch.setattr(sweep_cube, "PARALLEL_LOAD_MIN", 1)
+    expected = load_run(good)
+    for processes in (1, 2):
+        datasets, errors = load_runs(paths, processes=processes)
+        assert datasets[1] is None and errors[1] and [errors[i] for i in (0, 2, 3)] == ["", "", ""], processes
+        for i in (0, 2, 3):
+            xr.testing.assert_identical(datasets[i], expected)
 
 
 def test_rerun_skips_finished_runs_and_retries_failed(tiny_sweep, tiny_model_dir, capsys):

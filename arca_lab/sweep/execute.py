@@ -1,14 +1,14 @@
-"""Executing notebooks for a sweep: the run notebook's parameters, the sweep-local kernel, and the executors.
+"""Executing notebooks for a sweep: the run notebook's parameters and the executors.
 
 - `parameter_lines()` is the source of the run notebook's `parameters` cell, generated from RunConfig and its
   field docstrings (papermill skips a line with a second "=", so "=" in help text is rewritten).
-- `install_kernel(dir)` writes a kernelspec whose argv[0] is this interpreter (`sys.executable`), so every
-  notebook of a sweep runs in the runner's environment, whatever `python3` kernelspec is installed.
-- `execute_point(task)` runs one grid point: papermill writes the executed notebook under `.work/` while it runs;
-  on success it is moved to `runs/<id>/run.ipynb` (its presence marks the run finished); on failure the notebook
-  and the error go to `failed/<id>/`. It never raises, so one failed run does not stop the others.
-- `run_local` (a process pool) and `run_submitit` (Slurm, or submitit's "local"/"debug" executors) yield results
-  as runs finish.
+- The sweep-local kernel and the warm kernel live in `arca_lab.sweep.kernel` (`install_kernel` writes a kernelspec
+  whose argv[0] is this interpreter, so every notebook of a sweep runs in the runner's environment).
+- `execute_point(task, kernel)` runs one grid point: papermill writes the executed notebook under `.work/` while it
+  runs; on success it is moved to `runs/<id>/run.ipynb` (its presence marks the run finished); on failure the
+  notebook and the error go to `failed/<id>/`. It never raises, so one failed run does not stop the others.
+- `run_local` (a process pool whose every worker keeps one warm kernel for all its runs) and `run_submitit` (Slurm,
+  or submitit's "local"/"debug" executors; a new kernel per job) yield results as runs finish.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from typing import Any
 
 from arca_lab.config import RunConfig, field_docs
 from arca_lab.results import write_text_atomic
+from arca_lab.sweep.kernel import KERNEL_NAME, WarmKernel, install_kernel, jupyter_path
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 RUN_NOTEBOOK = NOTEBOOK_DIR / "grpo_run.ipynb"
 ANALYSIS_NOTEBOOK = NOTEBOOK_DIR / "rank_sweep_analysis.ipynb"
-KERNEL_NAME = "arca-lab-sweep"
 EXTRA_PARAMETERS: dict[str, tuple[str, Any, str]] = {
     "figures_dir": ("str", "", 'directory for the figures; "" means OUT/figures'),
     "progress": ("bool", False, "show the training progress bar"),
@@ -117,43 +117,6 @@ def check_parameters(parameters: Mapping[str, Any], notebook: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- kernel
-def install_kernel(jupyter_dir: Path, threads: int = 0) -> str:
-    """Write `<jupyter_dir>/kernels/arca-lab-sweep/kernel.json` running this interpreter; return its name.
-
-    Thread pinning reaches the kernel twice: RunConfig.threads (torch.set_num_threads in `train`) and the
-    OpenMP/MKL environment below (libraries that start their own pools before torch is told).
-    """
-    spec_dir = jupyter_dir / "kernels" / KERNEL_NAME
-    spec_dir.mkdir(parents=True, exist_ok=True)
-    env = {"TOKENIZERS_PARALLELISM": "false", "ARCA_LAB_SWEEP_KERNEL": str(spec_dir.resolve())}
-    if threads:
-        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    spec = {
-        # ERROR-level kernel logging: its TCP-transport warning would print once per run on a local machine.
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", "--log-level=ERROR"],
-        "display_name": f"arca-lab sweep ({sys.executable})",
-        "language": "python",
-        "env": env,
-        "metadata": {"debugger": False},
-    }
-    (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1) + "\n")
-    return KERNEL_NAME
-
-
-@contextmanager
-def jupyter_path(jupyter_dir: Path):
-    """Put `jupyter_dir` first on JUPYTER_PATH (where jupyter_client looks for kernelspecs) for a block."""
-    old = os.environ.get("JUPYTER_PATH")
-    os.environ["JUPYTER_PATH"] = os.pathsep.join([str(jupyter_dir), *([old] if old else [])])
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("JUPYTER_PATH", None)
-        else:
-            os.environ["JUPYTER_PATH"] = old
-
-
 def execute_notebook(
     notebook: Path, output: Path, parameters: Mapping[str, Any], jupyter_dir: Path, cwd: Path
 ) -> None:
@@ -208,16 +171,19 @@ def is_finished(sweep_dir: str | Path, run_id: str) -> bool:
     return (run / "run.ipynb").is_file() and (run / "run.nc").is_file()
 
 
-def execute_point(task: PointTask) -> PointResult:
-    """Run one grid point's notebook; record success in runs/<id>/ or the failure in failed/<id>/."""
+def execute_point(task: PointTask, kernel: WarmKernel | None = None) -> PointResult:
+    """Run one grid point's notebook (in `kernel`, or a new kernel of its own); record success in runs/<id>/ or
+    the failure in failed/<id>/."""
     start = time.perf_counter()
     paths = sweep_paths(task.sweep_dir, task.run_id)
     _clear_attempt(paths)
     paths["work"].parent.mkdir(parents=True, exist_ok=True)
     try:
-        execute_notebook(
-            Path(task.notebook), paths["work"], task.parameters, paths["jupyter"], paths["run"].parent
-        )
+        notebook, cwd = Path(task.notebook), paths["run"].parent
+        if kernel is None:
+            execute_notebook(notebook, paths["work"], task.parameters, paths["jupyter"], cwd)
+        else:
+            kernel.execute(notebook, paths["work"], task.parameters, cwd)
         if not (paths["run"] / "run.nc").is_file():
             raise RuntimeError(f"the run notebook finished without writing {paths['run'] / 'run.nc'}")
         os.replace(paths["work"], paths["run"] / "run.ipynb")
@@ -270,24 +236,39 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
 
 
-def _worker_init(log_dir: str) -> None:
-    """Worker process set-up: die with the runner; kernels inherit its stderr, so their chatter goes to a log."""
+_WORKER_KERNEL: WarmKernel | None = None
+"""The local worker's warm kernel (one per worker process, started with its first run)."""
+
+
+def _worker_init(log_dir: str, jupyter_dir: str) -> None:
+    """Worker process set-up: die with the runner; kernels inherit its stderr, so their chatter goes to a log;
+    one warm kernel for every run the worker is given, shut down when the worker exits."""
+    global _WORKER_KERNEL
+    from multiprocessing.util import Finalize
+
     _die_with_parent()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     log = os.open(Path(log_dir) / f"worker-{os.getpid()}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 2)
     os.close(log)
+    _WORKER_KERNEL = WarmKernel(Path(jupyter_dir))
+    Finalize(_WORKER_KERNEL, _WORKER_KERNEL.shutdown, exitpriority=10)  # runs when the pool ends the worker
+
+
+def _execute_in_worker(task: PointTask) -> PointResult:
+    return execute_point(task, _WORKER_KERNEL)
 
 
 def run_local(tasks: Sequence[PointTask], workers: int) -> Iterator[PointResult]:
-    """Execute `tasks` on `workers` local processes (each drives one kernel at a time); yield as they finish."""
+    """Execute `tasks` on `workers` local processes, each with one warm kernel; yield results as runs finish."""
     if not tasks:
         return
     ctx = get_context("spawn")  # the runner has imported torch; forking a threaded process is unsafe
-    logs = str(Path(tasks[0].sweep_dir) / ".work" / "logs")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(logs,)) as pool:
-        futures = {pool.submit(execute_point, t): t for t in tasks}
+    work = Path(tasks[0].sweep_dir) / ".work"
+    init_args = (str(work / "logs"), str(work / "jupyter"))
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=init_args) as pool:
+        futures = {pool.submit(_execute_in_worker, t): t for t in tasks}
         try:
             for fut in as_completed(futures):
                 try:

@@ -3,21 +3,13 @@
 A `Grid` is shared config values (a RunConfig preset plus `--set` overrides) and a list of sub-grids, each a
 Cartesian product over the sweep axes `AXES` (+ optional extra axes over other RunConfig fields). The grid's
 points are the union of the sub-grids' points, in order, without repeats. `arm` and `alpha_rule` map to
-RunConfig fields through `ARMS` and `ALPHA_RULES` (the one place that mapping lives).
-
-Cost model (`estimate_seconds`), for the embedded default on CPU; constants measured on this project's 2-core
-machine (see `COST`), in seconds:
-    run      = notebook start-up + set-up + 2 * eval + steps * step
-    step     = per_completion * prompts_per_step * num_generations * credit, arm, beta factors / speed-up(threads)
-    eval     = per_eval_sequence * eval_prompts * (1 + pass_k)          (greedy + pass_k samples, before and after)
-    sweep    = start-up + base-model build (0 when cached) + makespan(runs over workers, in order) + analysis
-Non-embedded models (the GPU presets) have no estimate (None).
+RunConfig fields through `ARMS` and `ALPHA_RULES` (the one place that mapping lives). The cost model that sized the presets is
+`arca_lab.sweep.cost` (re-exported here).
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -25,6 +17,10 @@ from typing import Any
 
 from arca_lab.config import RunConfig, make_config
 from arca_lab.credit import CREDITS
+from arca_lab.sweep.cost import COST as COST
+from arca_lab.sweep.cost import default_threads as default_threads
+from arca_lab.sweep.cost import estimate_run_seconds as estimate_run_seconds
+from arca_lab.sweep.cost import estimate_seconds as estimate_seconds
 
 AXES = ("rank", "credit", "seed", "arm", "alpha_rule")
 """The sweep axes every grid point (and every `sweep.nc`) has, in this order."""
@@ -361,75 +357,3 @@ def make_grid(
     grid = Grid(tuple(subgrids), p.config_preset, shared_values, extra)
     grid.shared_config()  # validates unknown --set keys and values once more through RunConfig
     return grid
-
-
-# ------------------------------------------------------------------------------------------ cost model
-COST = dict(
-    # Measured in the default sweep on the 2-core project machine (torch 2.13 CPU, 2 workers x 1 thread, load
-    # average 1-2 from the sweep itself): papermill cell durations and run.nc step_time of 18 runs.
-    notebook=8.0,  # kernel start 2 s + imports of torch/transformers/trl/peft 5.2 s + figures 1 s
-    setup=1.6,  # model load, trainer construction, writing adapter + run.nc
-    per_completion=0.0075,  # step seconds per sampled completion: 0.96 s per step of 16 x 8 (arm all, uniform)
-    per_eval_sequence=0.0025,  # one greedy or sampled held-out completion, before and after
-    build=60.0,  # the embedded base-model build when not cached (61.5 s on idle cores; it stops at an accuracy)
-    analysis=25.0,  # the analysis notebook's fixed part (35 s measured for the 23-run default sweep) ...
-    analysis_per_run=0.7,  # ... plus verify-bound on 8 held-out prompts per run (232 s for the 300-run full sweep)
-    startup=5.0,  # runner imports, kernelspec, worker processes
-    combine_per_run=0.42,  # reading run.nc files into sweep.nc (127 s for the 300-run full sweep)
-)
-CREDIT_FACTOR = {"surprisal": 1.1, "entropy_reduction": 1.1, "divergence": 1.1, "arca": 1.15}
-"""Step-time multiplier per credit relative to uniform (arca: one extra no-grad base forward); measured
-1.0-1.15 next to a concurrent uniform run, noisy."""
-ARM_FACTOR = {"lm_head": 0.6}
-"""Step-time multiplier for head-only LoRA (0.58 s vs 0.96 s per step measured: no adapter in the layers)."""
-BETA_FACTOR = 1.15
-"""Step-time multiplier when beta > 0 (TRL's reference forward with the adapter disabled): 1.14x CPU time
-measured by benchmarks/bench_credit.py."""
-
-
-def thread_speedup(threads: int) -> float:
-    """Step speed-up of `threads` torch threads over one (tiny matrices: far from linear)."""
-    return max(1, threads) ** 0.6
-
-
-def estimate_run_seconds(cfg: RunConfig) -> float | None:
-    """Seconds one embedded run takes in its notebook; None for other models (no calibration)."""
-    if cfg.model != "embedded":
-        return None
-    step = (
-        COST["per_completion"]
-        * cfg.batch_completions
-        * CREDIT_FACTOR.get(cfg.credit, 1.0)
-        * ARM_FACTOR.get(cfg.target_modules, 1.0)
-        * (BETA_FACTOR if cfg.beta > 0 else 1.0)
-        / thread_speedup(cfg.threads or 2)
-    )
-    evals = 2 * COST["per_eval_sequence"] * cfg.eval_prompts * (1 + cfg.pass_k)
-    return COST["notebook"] + COST["setup"] + evals + cfg.steps * step
-
-
-def estimate_seconds(
-    configs: Sequence[RunConfig], workers: int, build_cached: bool = True, total_runs: int | None = None
-) -> float | None:
-    """Wall seconds of a sweep: base build + makespan of `configs` (the runs to do) over `workers` (in order) +
-    combining and analysing all `total_runs` finished runs (default: as many as `configs`)."""
-    runs = [estimate_run_seconds(c) for c in configs]
-    if any(r is None for r in runs):
-        return None
-    free = [0.0] * max(1, workers)
-    for r in runs:
-        i = min(range(len(free)), key=free.__getitem__)
-        free[i] += r  # type: ignore[operator]
-    build = 0.0 if build_cached else COST["build"]
-    n = len(runs) if total_runs is None else total_runs
-    per_run = COST["combine_per_run"] + COST["analysis_per_run"]
-    return build + COST["startup"] + max(free) + COST["analysis"] + per_run * n
-
-
-def default_threads(workers: int, cpus: int | None = None) -> int:
-    """torch threads per run: the cores divided among the workers, at least 1 (2 cores, 2 workers -> 1)."""
-    import os
-
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, math.floor(cpus / max(1, workers)))

@@ -22,15 +22,10 @@ import xarray as xr
 from filelock import FileLock, Timeout
 
 from arca_lab.results import write_netcdf, write_text_atomic
-from arca_lab.sweep.cube import combine_runs, format_table, summary_table
-from arca_lab.sweep.grid import (
-    NOT_COMPARED,
-    Grid,
-    check_matched_budgets,
-    default_threads,
-    estimate_seconds,
-    run_id,
-)
+from arca_lab.sweep.cost import available_cpus, default_threads
+from arca_lab.sweep.cube import combine_runs, format_table, load_runs, summary_table
+from arca_lab.sweep.grid import NOT_COMPARED, Grid, check_matched_budgets, run_id
+from arca_lab.sweep.progress import FirstStepWatch, Plan, load_average
 
 SWEEP_FORMAT = 1
 
@@ -149,20 +144,19 @@ def sweep_lock(out: Path) -> Iterator[None]:
         lock.release()
 
 
-def unreadable_runs(out: Path, ids: Iterable[str]) -> dict[str, str]:
-    """Finished-looking runs whose run.nc cannot be read (e.g. truncated by a full disk): run_id -> error."""
-    from arca_lab.results import load_run
+def _load_finished(out: Path, ids: Iterable[str]) -> tuple[dict[str, xr.Dataset], dict[str, str]]:
+    """The finished runs among `ids`, loaded once (on every core): ({run_id: dataset}, {run_id: error})."""
     from arca_lab.sweep.execute import is_finished
 
-    bad = {}
-    for rid in ids:
-        if not is_finished(out, rid):
-            continue
-        try:
-            load_run(out / "runs" / rid)
-        except Exception as err:  # h5py / netCDF raise many types for a damaged file
-            bad[rid] = f"{type(err).__name__}: {err}".splitlines()[0]
-    return bad
+    done = [rid for rid in ids if is_finished(out, rid)]
+    datasets, errors = load_runs([out / "runs" / rid for rid in done], processes=available_cpus())
+    loaded = {rid: ds for rid, ds in zip(done, datasets, strict=True) if ds is not None}
+    return loaded, {rid: err for rid, err in zip(done, errors, strict=True) if err}
+
+
+def unreadable_runs(out: Path, ids: Iterable[str]) -> dict[str, str]:
+    """Finished-looking runs whose run.nc cannot be read (e.g. truncated by a full disk): run_id -> error."""
+    return _load_finished(out, ids)[1]
 
 
 def _set_aside(out: Path, rid: str, error: str) -> Path:
@@ -185,18 +179,19 @@ def combine_sweep(out: Path) -> tuple[xr.Dataset | None, list[dict[str, Any]]]:
     stored = json.loads((out / "sweep.json").read_text())
     grid = Grid.from_json(stored["grid"])
     ids = [run_id(p) for p in grid.points()]
-    bad = unreadable_runs(out, ids)
+    loaded, bad = _load_finished(out, ids)  # each run.nc read once: the check and the cube
     if bad:
         raise ValueError(
             f"unreadable run.nc in {len(bad)} run(s): {bad}; re-run the sweep command to set them aside and "
             "re-run them"
         )
-    done = [out / "runs" / i for i in ids if is_finished(out, i)]
-    if not done:
+    if not loaded:
         return None, []
     failed = _failures(out, [i for i in ids if not is_finished(out, i)])
     cube = combine_runs(
-        done, grid.extra_axes, attrs={"sweep_json": json.dumps(stored), "failed_json": json.dumps(failed)}
+        loaded.values(),
+        grid.extra_axes,
+        attrs={"sweep_json": json.dumps(stored), "failed_json": json.dumps(failed)},
     )
     write_netcdf(cube, out / "sweep.nc")
     rows = summary_table(cube)
@@ -231,7 +226,7 @@ def run_sweep(
     points = grid.points()
     if not points:
         raise ValueError("empty grid: every sub-grid needs at least one value per axis")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = available_cpus()
     if workers is None:  # one run per core on CPU; a real model's run uses the whole device, so one at a time
         embedded = all(grid.config(p, "x").model == "embedded" for p in points)
         workers = min(cpus, len(points)) if embedded else 1
@@ -268,17 +263,19 @@ def run_sweep(
 
             spec_dir = cache_root() / "embedded" / f"s0-{EmbeddedSpec().build_hash(0)}"
             cached = (spec_dir / BUILD_INFO).is_file()
-        estimate = estimate_seconds(
-            [configs[i] for i in pending],
+        plan = Plan(
+            {i: configs[i] for i in pending},
+            len(configs),
             workers,
+            threads,
+            cpus,
+            warm=executor == "local",  # a local worker keeps its kernel; a Slurm job starts one per run
             build_cached=not needs_build or cached,
-            total_runs=len(configs),
         )
         log(
             f"sweep {out}: {len(configs)} runs ({len(skipped)} finished before, {len(pending)} to run) over "
             f"{', '.join(grid.axes)}; {workers} {executor} worker(s) x {threads or 'all'} thread(s); every run "
-            f"sees {prompts} prompts / {completions} completions"
-            + (f"; estimated {estimate / 60:.1f} min" if estimate is not None and pending else "")
+            f"sees {prompts} prompts / {completions} completions" + (f"; {plan.text()}" if pending else "")
         )
         if dry_run:
             for i in configs:
@@ -292,7 +289,7 @@ def run_sweep(
             workers=workers,
             threads=threads,
             executor=executor,
-            estimated_seconds=estimate,
+            **plan.record(),
         )
         record = {
             "format": SWEEP_FORMAT,
@@ -314,7 +311,9 @@ def run_sweep(
                     "building the embedded base model once (about a minute on 2 idle cores; cached afterwards) ..."
                 )
             embedded_model_dir()
-        ex.install_kernel(out / ".work" / "jupyter", threads=threads)
+        clock_dir = out / ".work" / "clock"
+        shutil.rmtree(clock_dir, ignore_errors=True)  # an earlier session's clocks would pass for this one's
+        ex.install_kernel(out / ".work" / "jupyter", threads=threads, clock_dir=clock_dir)
         tasks = [
             ex.PointTask(str(out), i, ex.notebook_parameters(configs[i], figures_dir="", progress=False))
             for i in pending
@@ -327,8 +326,21 @@ def run_sweep(
         finished, failed = [], {}
         from tqdm.auto import tqdm
 
-        with tqdm(total=len(tasks), unit="run", desc="sweep", disable=not progress or not tasks) as bar:
+        def first_step(first) -> None:  # called once, from the watch thread
+            text, session["first_step"] = plan.first_step(first)
+            if progress:
+                tqdm.write(text)  # above the progress bar
+            else:
+                log(text)
+
+        run_seconds: dict[str, float] = {}
+        session["run_seconds"] = run_seconds  # per run, what the cost model is calibrated on
+        with (
+            FirstStepWatch(clock_dir, first_step),
+            tqdm(total=len(tasks), unit="run", desc="sweep", disable=not progress or not tasks) as bar,
+        ):
             for res in results:
+                run_seconds[res.run_id] = round(res.seconds, 1)
                 if res.ok:
                     finished.append(res.run_id)
                 else:
@@ -343,6 +355,12 @@ def run_sweep(
             if analysis_error:
                 log(f"analysis notebook failed: {analysis_error.splitlines()[0]} (see {path})")
         seconds = time.perf_counter() - start
-        session.update(seconds=round(seconds, 1), finished=len(finished), failed=len(failed))
+        session.update(
+            seconds=round(seconds, 1),
+            finished=len(finished),
+            failed=len(failed),
+            load_average_end=list(load_average()),
+        )
         _write_json(out / "sweep.json", record)
+        log(plan.verdict(seconds, session.get("first_step")))
         return SweepOutcome(out, finished, skipped, failed, rows, analysis_error, seconds)

@@ -1,0 +1,171 @@
+"""How long a sweep takes: the cost model of the embedded default, its range, and estimates from a first step.
+
+Cost model (`estimate_seconds`), for the embedded default on CPU; constants measured on this project's 2-core
+machine (`COST`, `benchmarks/bench_sweep.py`), in seconds:
+    run      = notebook + set-up + 2 * eval + steps * step
+    step     = per_completion * prompts_per_step * num_generations * credit, arm, beta factors / speed-up(threads)
+    eval     = per_eval_sequence * eval_prompts * (1 + pass_k)          (greedy + pass_k samples, before and after)
+    worker   = kernel (once: a local worker keeps its kernel warm) + its runs; with Slurm every run pays a kernel
+    sweep    = start-up + base-model build (0 when cached) + makespan(workers, runs in order)
+               + combine + analysis + (combine + analysis) per finished run
+The model is calibrated on idle cores. `estimate_range` widens it to what recorded sweeps measured on the shared
+machine, and to the slow-down the current load average implies if it lasts.
+
+Other models (the GPU presets, a local checkpoint) have no cost model: `estimate_from_first_step` scales the
+first measured step and set-up of a run (`arca_lab.sweep.clock`) to every run of the sweep with the step factors
+below (ratios of step costs, measured on the embedded model).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+from arca_lab.config import RunConfig
+from arca_lab.sweep.clock import FirstStep
+
+COST = dict(
+    # Measured with benchmarks/bench_sweep.py in default sweeps on the 2-core project machine (torch 2.13 CPU,
+    # 2 workers x 1 thread, warm kernels; per-run medians of the executed notebooks and run.nc step times).
+    kernel=9.0,  # once per kernel: its start 2 s + imports of torch/transformers/trl/peft 5-6 s, two at once
+    notebook=1.1,  # per run in a warm kernel: namespace reset 0.25 s, reading run.nc back 0.36 s, figures 0.45 s
+    setup=0.9,  # model load, trainer construction, writing adapter + run.nc
+    per_completion=0.0062,  # step seconds per sampled completion: 0.79 s per step of 16 x 8 (arm all, uniform)
+    per_eval_sequence=0.0018,  # one greedy or sampled held-out completion, before and after
+    build=60.0,  # the embedded base-model build when not cached (61.5 s on idle cores; it stops at an accuracy)
+    startup=5.0,  # runner imports, kernelspec, worker processes
+    combine=5.0,  # ending the workers and their kernels, starting the processes that read the runs ...
+    combine_per_run=0.2,  # ... reading run.nc files into sweep.nc on 2 processes (0.36 s per file on one)
+    analysis=25.0,  # the analysis notebook's fixed part (35 s measured for the 23-run default sweep) ...
+    analysis_per_run=0.7,  # ... plus verify-bound on 8 held-out prompts per run (232 s for the 300-run full sweep)
+)
+CREDIT_FACTOR = {"surprisal": 1.1, "entropy_reduction": 1.1, "divergence": 1.1, "arca": 1.15}
+"""Step-time multiplier per credit relative to uniform (arca: one extra no-grad base forward); measured
+1.0-1.15 next to a concurrent uniform run, noisy."""
+ARM_FACTOR = {"lm_head": 0.55}
+"""Step-time multiplier for head-only LoRA (0.42 s vs 0.75-0.83 s per step measured: no adapter in the layers)."""
+BETA_FACTOR = 1.15
+"""Step-time multiplier when beta > 0 (TRL's reference forward with the adapter disabled): 1.14x CPU time
+measured by benchmarks/bench_credit.py."""
+ESTIMATE_RANGE = (0.9, 1.3)
+"""measured / estimated wall time of recorded default sweeps at load averages below the cores (quiet to
+moderately shared machine; benchmarks/bench_sweep.py): the range printed around the estimate."""
+FIRST_STEP_SPREAD = (0.45, 1.5)
+"""A run's median step / its first step: 0.68-2.2 x measured in the default sweep under load 2-5, so the steps of
+an estimate from a first step lie in 0.45-1.5 x the first."""
+
+
+def thread_speedup(threads: int) -> float:
+    """Step speed-up of `threads` torch threads over one (tiny matrices: far from linear)."""
+    return max(1, threads) ** 0.6
+
+
+def step_factor(cfg: RunConfig) -> float:
+    """Relative cost of one optimiser step of `cfg` (completions x credit, arm, beta factors / thread speed-up)."""
+    return (
+        cfg.batch_completions
+        * CREDIT_FACTOR.get(cfg.credit, 1.0)
+        * ARM_FACTOR.get(cfg.target_modules, 1.0)
+        * (BETA_FACTOR if cfg.beta > 0 else 1.0)
+        / thread_speedup(cfg.threads or 2)
+    )
+
+
+def estimate_run_seconds(cfg: RunConfig) -> float | None:
+    """Seconds one embedded run takes in a warm kernel; None for other models (no calibration)."""
+    if cfg.model != "embedded":
+        return None
+    evals = 2 * COST["per_eval_sequence"] * cfg.eval_prompts * (1 + cfg.pass_k)
+    return COST["notebook"] + COST["setup"] + evals + cfg.steps * COST["per_completion"] * step_factor(cfg)
+
+
+def sweep_seconds(
+    runs: Sequence[float],
+    workers: int,
+    build_cached: bool = True,
+    total_runs: int | None = None,
+    warm: bool = True,
+) -> float:
+    """Wall seconds of a sweep whose runs to do take `runs` seconds each: base build + makespan over `workers`
+    (in order, each worker's first run after its kernel start; every run's with `warm=False`) + combining and
+    analysing all `total_runs` finished runs (default: as many as `runs`)."""
+    free = [0.0] * max(1, workers)
+    started = [False] * len(free)
+    for r in runs:
+        i = min(range(len(free)), key=free.__getitem__)
+        free[i] += r + (COST["kernel"] if not (warm and started[i]) else 0.0)
+        started[i] = True
+    build = 0.0 if build_cached else COST["build"]
+    n = len(runs) if total_runs is None else total_runs
+    per_run = COST["combine_per_run"] + COST["analysis_per_run"]
+    return build + COST["startup"] + max(free) + COST["combine"] + COST["analysis"] + per_run * n
+
+
+def estimate_seconds(
+    configs: Sequence[RunConfig],
+    workers: int,
+    build_cached: bool = True,
+    total_runs: int | None = None,
+    warm: bool = True,
+) -> float | None:
+    """Wall seconds of a sweep of embedded runs `configs` (the runs to do), see `sweep_seconds`; None if any run
+    is of another model."""
+    runs = [estimate_run_seconds(c) for c in configs]
+    if any(r is None for r in runs):
+        return None
+    return sweep_seconds(runs, workers, build_cached, total_runs, warm)  # type: ignore[arg-type]
+
+
+def load_slowdown(workers: int, threads: int, cpus: int, load: float) -> float:
+    """How much slower the sweep runs if the load average `load` of other processes lasts: its workers want
+    workers x threads of the `cpus` cores, and share them with that load (1 when both fit)."""
+    demand = workers * max(1, threads) + max(0.0, load)
+    return max(1.0, demand / max(1, cpus))
+
+
+def estimate_range(seconds: float, slowdown: float = 1.0) -> tuple[float, float]:
+    """(low, high) around a cost-model estimate: the spread of recorded sweeps, or the load's slow-down if larger."""
+    low, high = ESTIMATE_RANGE
+    return seconds * low, seconds * max(high, slowdown)
+
+
+def estimate_from_first_step(
+    configs: Sequence[RunConfig],
+    measured: RunConfig,
+    first: FirstStep,
+    workers: int,
+    total_runs: int | None = None,
+    warm: bool = True,
+) -> tuple[float, float, float]:
+    """(estimate, low, high) wall seconds of a sweep from `first`, the first step of the run `measured`.
+
+    A run takes notebook + set-up before its first step (model load, eval before), about as long again after its
+    last (eval after, saving; low end: nothing), and steps x the first step scaled by `step_factor`
+    (`FIRST_STEP_SPREAD` for the spread of later steps). The base model is taken as built (it was, to measure).
+    """
+    base = step_factor(measured)
+
+    def runs(after: float, spread: float) -> list[float]:
+        return [
+            COST["notebook"]
+            + first.setup * (1 + after)
+            + c.steps * first.step * spread * step_factor(c) / base
+            for c in configs
+        ]
+
+    low, high = FIRST_STEP_SPREAD
+    return (
+        sweep_seconds(runs(1.0, 1.0), workers, True, total_runs, warm),
+        sweep_seconds(runs(0.0, low), workers, True, total_runs, warm),
+        sweep_seconds(runs(1.0, high), workers, True, total_runs, warm),
+    )
+
+
+def default_threads(workers: int, cpus: int | None = None) -> int:
+    """torch threads per run: the cores divided among the workers, at least 1 (2 cores, 2 workers -> 1)."""
+    return max(1, math.floor((cpus or available_cpus()) / max(1, workers)))
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
