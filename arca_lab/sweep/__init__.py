@@ -69,8 +69,11 @@ Summary (`summary_table`): one row per finished grid point with the axis values 
 `SUMMARY_LAST_STEPS` steps of the run, and greedy accuracy before -> after.
 
 Public API (re-exported here). Modules, one concern each, imports one way (theory <- lab <- sweep <- CLI):
-    grid      axes, sub-grids, presets, matched budgets, the cost model
+    grid      axes, sub-grids, presets, matched budgets (re-exports the cost model)
+    cost      the cost model, calibrated on recorded sweeps, printed as a range
     execute   the run notebook's parameters, the sweep-local kernel, the local and submitit executors
+    kernel    warm kernels: one Jupyter kernel per local worker, reset between runs
+    clock     per-step timing recorded by the run notebook; progress: the first-step estimate
     runner    run_sweep: checks, lock, execution, combine, analysis
     cube      combine_runs -> sweep.nc, load_sweep, summary table
     cli       `arca-lab sweep` and `arca-lab report`
