@@ -536,7 +536,10 @@ class ArcaGRPOTrainer(GRPOTrainer):
             if (
                 self._mismatch
             ):  # pi_train at the sampling temperature, what the engine's log-probs compare with
-                logp_tau = (policy_logits / self.temperature).log_softmax(-1)
+                # at temperature 1 these are the log-probs just computed: no second log_softmax over the vocabulary
+                logp_tau = (
+                    logp if self.temperature == 1.0 else (policy_logits / self.temperature).log_softmax(-1)
+                )
                 part["train_logps"] = logp_tau.gather(-1, completion_ids[sl].unsqueeze(-1)).squeeze(-1)
                 part["train_entropy"] = -(logp_tau.exp() * logp_tau).sum(-1)
             if probing:

@@ -81,6 +81,11 @@ def _last(point: xr.Dataset, last_steps: int) -> xr.Dataset:
     return point.sel(step=steps[-last_steps:]) if len(steps) else point
 
 
+def point_row(point: xr.Dataset, axes: Sequence[str]) -> dict[str, Any]:
+    """The identifying columns of one grid point's row: its axis values and run_id."""
+    return {**{a: point[a].item() for a in axes}, "run_id": point["run_id"].item()}
+
+
 def clip_regime(point: xr.Dataset) -> str:
     """SGD's clip regime for `predict_gamma`: "active" (every step clipped), "inactive" (none) or "mixed".
 
@@ -105,8 +110,7 @@ def run_points(cube: xr.Dataset, last_steps: int = 3) -> pd.DataFrame:
     rows = []
     axes = sweep_axes(cube)
     for p in _points(cube):
-        row: dict[str, Any] = {a: p[a].item() for a in axes}
-        row["run_id"] = p["run_id"].item()
+        row = point_row(p, axes)
         last = _last(p, last_steps)
         for col, var in STEP_METRICS.items():
             row[col] = float(last[var].mean()) if var in p else math.nan

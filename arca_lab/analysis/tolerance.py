@@ -106,13 +106,12 @@ def discrepancy_points(cube: Any, last_steps: int = 3) -> pd.DataFrame:
     `delta_mean` (the run's mean over all steps of `mismatch_delta_mean`, the per-token |π_train − π_rollout| at
     the sampled tokens), `log10_delta`, `kl_ref_policy_mean` (last steps, KL(π_base‖π_θ) per token on the probe
     rows), `acc_after` / `acc_after_engine` (held-out greedy accuracy under the trainer and under the engine)."""
-    from arca_lab.analysis.tables import _last, _points, sweep_axes
+    from arca_lab.analysis.tables import _last, _points, point_row, sweep_axes
 
     rows = []
     axes = sweep_axes(cube)
     for p in _points(cube):
-        row: dict[str, Any] = {a: p[a].item() for a in axes}
-        row["run_id"] = p["run_id"].item()
+        row = point_row(p, axes)
         last = _last(p, last_steps)
         row["reward"] = float(last["reward"].mean())
         delta = p["mismatch_delta_mean"].values if "mismatch_delta_mean" in p else np.full(1, 0.0)
