@@ -356,3 +356,24 @@ def test_a_missing_sweep_stops_the_notebook_with_one_line_under_papermill_and_nb
         )
     assert err.value.ename == "MissingSweep" and err.value.evalue.startswith(expected)
     assert str(err.value).rstrip().endswith(f"MissingSweep: {err.value.evalue}")
+
+
+def test_bounds_table_on_two_processes_equals_one(sweep, cube, monkeypatch):
+    """The analysis verifies a large sweep's runs on two processes: same rows, same numbers as one process."""
+    import torch
+
+    from arca_lab.analysis.verify import row_dict
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in each worker process
+    try:
+        serial, serial_rows = analysis.bounds_table(sweep, cube, prompts=2, processes=1)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(tables, "PARALLEL_VERIFY_MIN", 1)
+    parallel, parallel_rows = analysis.bounds_table(sweep, cube, prompts=2, processes=2)
+    pd.testing.assert_frame_equal(parallel, serial)
+    assert len(parallel_rows) == len(serial_rows) > 0
+    pd.testing.assert_frame_equal(
+        pd.DataFrame(map(row_dict, parallel_rows)), pd.DataFrame(map(row_dict, serial_rows))
+    )

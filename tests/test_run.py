@@ -197,3 +197,37 @@ def test_save_every_keeps_the_adapter_of_that_step(tiny_model_dir, tmp_path, mon
     assert main(["eval", str(out), "--checkpoints", "--eval-prompts", "4"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in table[-2:]] == ["2", "4"]
+
+
+def test_the_base_evaluation_is_reused_only_for_the_same_base_and_settings(tiny_model_dir, tmp_path):
+    """A warm sweep kernel evaluates the base model once: a later run's `*_before` equal those of the same run
+    evaluated from scratch, every other variable too; other eval settings get their own evaluation."""
+    import dataclasses
+
+    import numpy as np
+
+    from arca_lab import run as run_module
+
+    def cfg(name: str, **values):
+        return make_config(model=str(tiny_model_dir), rank=2, threads=1, out=str(tmp_path / name), **TINY | values)
+
+    run_module._BEFORE.clear()
+    train(cfg("first", seed=1), progress=False)
+    reused = load_run(train(cfg("reused", seed=2), progress=False))
+    assert len(run_module._BEFORE) == 1
+    run_module._BEFORE.clear()
+    fresh = load_run(train(cfg("fresh", seed=2), progress=False))
+    for name in sorted(set(fresh.data_vars) - {"step_time"}):
+        np.testing.assert_array_equal(reused[name].values, fresh[name].values, err_msg=name)
+    fewer = load_run(train(dataclasses.replace(cfg("fewer", seed=2), eval_prompts=2), progress=False))
+    assert fewer["greedy_correct_before"].size == 2  # not the cached 4-prompt result
+
+
+def test_a_run_read_back_in_its_process_is_the_file(tiny_model_dir, tmp_path):
+    import xarray as xr
+
+    out = train(make_config(model=str(tiny_model_dir), rank=2, out=str(tmp_path / "r"), **TINY), progress=False)
+    xr.testing.assert_identical(load_run(out), xr.load_dataset(out / "run.nc", engine="h5netcdf"))
+    (out / "run.nc").write_bytes(b"truncated")  # a changed file is read again, never served from memory
+    with pytest.raises(OSError):
+        load_run(out)

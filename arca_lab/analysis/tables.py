@@ -313,7 +313,13 @@ def run_dirs_by_id(sweep_dir: str | Path, cube: xr.Dataset) -> dict[str, Path]:
     return out
 
 
-def bounds_table(sweep_dir: str | Path, cube: xr.Dataset, prompts: int = 8, samples: int = 1):
+PARALLEL_VERIFY_MIN = 16
+"""Fewer runs than this are verified in the calling process (two worker processes cost ~6 s to start)."""
+
+
+def bounds_table(
+    sweep_dir: str | Path, cube: xr.Dataset, prompts: int = 8, samples: int = 1, processes: int | None = None
+):
     """Per run: held-out max KL (both directions, τ = 1), the a-posteriori and the a-priori bound, and the lemma.
 
     prompts > 0: `arca_lab.analysis.verify.verify_run` on `prompts` held-out prompts. Columns: `aposteriori_<d>` the ball
@@ -321,32 +327,58 @@ def bounds_table(sweep_dir: str | Path, cube: xr.Dataset, prompts: int = 8, samp
     = max_t K(range(z_t)) over the measured tokens (a lemma on the measured shift itself, not a verified bound:
     `arca_lab.analysis.verify.KINDS`), and the verdicts `bounds_hold`, `lemmas_hold`, `inputs_hold` (rows of that kind;
     NaN fails). prompts = 0: only the a-priori bound (no generation). Returns (DataFrame, list of BoundRow).
+
+    `processes` (default: the available cores, at most 2) verify runs in parallel, one torch thread each, when
+    there are `PARALLEL_VERIFY_MIN` or more: each run gets the same measurement (its own seed, one thread).
     """
+    from arca_lab.sweep.cost import available_cpus
+
+    dirs = run_dirs_by_id(sweep_dir, cube)
+    jobs = []
+    for p in _points(cube):
+        rid = p["run_id"].item()
+        if rid in dirs:
+            axes = {a: p[a].item() for a in sweep_axes(cube)} | {"run_id": rid}
+            jobs.append((axes, dirs[rid], prompts, samples))
+    processes = min(2, available_cpus()) if processes is None else processes
+    if prompts > 0 and processes > 1 and len(jobs) >= PARALLEL_VERIFY_MIN:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(
+            processes, mp_context=get_context("spawn"), initializer=_one_thread
+        ) as pool:  # spawn: torch is imported
+            results = list(pool.map(_bounds_row, jobs, chunksize=max(1, len(jobs) // (4 * processes))))
+    else:
+        results = [_bounds_row(job) for job in jobs]
+    return pd.DataFrame([row for row, _ in results]), [r for _, rows in results for r in rows]
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _bounds_row(job: tuple[dict[str, Any], Path, int, int]) -> tuple[dict[str, Any], list]:
+    """One run's row of `bounds_table` and its BoundRows (none without prompts)."""
     from arca_lab.analysis.verify import verify_run
     from theory.softmax_kl import kl_sharp_bound
 
-    dirs = run_dirs_by_id(sweep_dir, cube)
-    rows, table = [], []
-    for p in _points(cube):
-        rid = p["run_id"].item()
-        if rid not in dirs:
-            continue
-        row: dict[str, Any] = {a: p[a].item() for a in sweep_axes(cube)} | {"run_id": rid}
-        if prompts > 0:
-            v = verify_run(dirs[rid], name=rid, prompts=prompts, samples=samples)
-            rows += v.rows
-            m = v.measurement
-            row["kind"] = m.kind
-            row.update(verdicts(v.rows))
-            for d in DIRECTIONS:
-                row[f"heldout_{d}_max"] = _max_or_nan(m.per_tau[1.0][d])
-                row[f"aposteriori_{d}"] = _row_value(v.rows, "K(R D(dW)/tau) ball (P3)", d, math.nan)
-                row[f"apriori_{d}"] = _row_value(v.rows, "a-priori K(rho) (A6/A7)", d, math.nan)
-            row["lemma_max_k_range"] = _max_or_nan(kl_sharp_bound(m.shift_range))
-        else:
-            row.update(_apriori_only(dirs[rid]))
-        table.append(row)
-    return pd.DataFrame(table), rows
+    axes, run_dir, prompts, samples = job
+    row = dict(axes)
+    if prompts <= 0:
+        return row | _apriori_only(run_dir), []
+    v = verify_run(run_dir, name=axes["run_id"], prompts=prompts, samples=samples)
+    m = v.measurement
+    row["kind"] = m.kind
+    row.update(verdicts(v.rows))
+    for d in DIRECTIONS:
+        row[f"heldout_{d}_max"] = _max_or_nan(m.per_tau[1.0][d])
+        row[f"aposteriori_{d}"] = _row_value(v.rows, "K(R D(dW)/tau) ball (P3)", d, math.nan)
+        row[f"apriori_{d}"] = _row_value(v.rows, "a-priori K(rho) (A6/A7)", d, math.nan)
+    row["lemma_max_k_range"] = _max_or_nan(kl_sharp_bound(m.shift_range))
+    return row, list(v.rows)
 
 
 def verdicts(rows) -> dict[str, bool]:
