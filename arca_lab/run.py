@@ -295,7 +295,15 @@ def _before_key(model, cfg: RunConfig) -> tuple | None:
     stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     settings = (cfg.task, cfg.data, cfg.eval_prompts, cfg.pass_k, cfg.max_completion_length, cfg.temperature)
     device = next(model.parameters()).device
-    return (str(path.resolve()), stats, str(model.dtype), str(device), torch.get_num_threads(), cfg.top_p, *settings)
+    return (
+        str(path.resolve()),
+        stats,
+        str(model.dtype),
+        str(device),
+        torch.get_num_threads(),
+        cfg.top_p,
+        *settings,
+    )
 
 
 def _evaluate_base(model, tokenizer, task: Task, rows, cfg: RunConfig) -> EvalResult:

@@ -209,7 +209,9 @@ def test_the_base_evaluation_is_reused_only_for_the_same_base_and_settings(tiny_
     from arca_lab import run as run_module
 
     def cfg(name: str, **values):
-        return make_config(model=str(tiny_model_dir), rank=2, threads=1, out=str(tmp_path / name), **TINY | values)
+        return make_config(
+            model=str(tiny_model_dir), rank=2, threads=1, out=str(tmp_path / name), **TINY | values
+        )
 
     run_module._BEFORE.clear()
     train(cfg("first", seed=1), progress=False)
@@ -226,7 +228,9 @@ def test_the_base_evaluation_is_reused_only_for_the_same_base_and_settings(tiny_
 def test_a_run_read_back_in_its_process_is_the_file(tiny_model_dir, tmp_path):
     import xarray as xr
 
-    out = train(make_config(model=str(tiny_model_dir), rank=2, out=str(tmp_path / "r"), **TINY), progress=False)
+    out = train(
+        make_config(model=str(tiny_model_dir), rank=2, out=str(tmp_path / "r"), **TINY), progress=False
+    )
     xr.testing.assert_identical(load_run(out), xr.load_dataset(out / "run.nc", engine="h5netcdf"))
     (out / "run.nc").write_bytes(b"truncated")  # a changed file is read again, never served from memory
     with pytest.raises(OSError):
