@@ -25,17 +25,21 @@ HF_LR_SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cos
 """RunConfig.lr_schedule -> HF `lr_scheduler_type` (constant honours warm-up); also theory's schedule names."""
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 LAYER_AGGREGATES = ("mean", "max", "sum", "rms")
-TASK_PROMPT_LENGTHS = {"arith": 64, "math": 512}
-"""RunConfig.max_prompt_length = 0 resolves to this per-task default (MATH problems run to a few hundred tokens)."""
+TASK_PROMPT_LENGTHS = {"arith": 64, "math": 512, "chat_arith": 160}
+"""RunConfig.max_prompt_length = 0 resolves to this per-task default (MATH problems run to a few hundred tokens;
+chat_arith's system + user turn in SmolLM2's template is ~70)."""
+TASK_COMPLETION_LENGTHS = {"arith": 40, "math": 40, "chat_arith": 96}
+"""RunConfig.max_completion_length = 0 resolves to this per-task default (a chat model explains before it answers;
+the GPU presets set 512 for MATH)."""
 
 
 @dataclass
 class RunConfig:
     # --- model and task -------------------------------------------------------------------------------
     model: str = "embedded"
-    """HF causal-LM id or local directory; "embedded" builds (once, cached) the tiny Qwen3 default."""
-    task: str = "arith"
-    """Verifiable task: "arith" (embedded multi-step arithmetic) or "math" (boxed answers, math-verify)."""
+    """HF causal-LM id or local directory; "embedded" builds (once, cached) the tiny Qwen3 default; "smollm2-135m" is SmolLM2-135M-Instruct from the `smollm` extra."""
+    task: str = ""
+    """Verifiable task: "arith" (embedded multi-step arithmetic), "math" (boxed answers, math-verify) or "chat_arith" (word problems in a chat template); empty means the model's (chat_arith for smollm2-135m, else arith)."""
     data: str | None = None
     """Task "math": a local JSONL (problem, solution) or an HF datasets id; unused for "arith"."""
     # --- adapter ----------------------------------------------------------------------------------------
@@ -76,9 +80,9 @@ class RunConfig:
     top_p: float = 1.0
     """Nucleus sampling threshold."""
     max_prompt_length: int = 0
-    """Prompts longer than this many tokens are refused; 0 means the task's default (arith 64, math 512)."""
-    max_completion_length: int = 40
-    """Maximum new tokens per completion."""
+    """Prompts longer than this many tokens are refused; 0 means the task's default (arith 64, math 512, chat_arith 160)."""
+    max_completion_length: int = 0
+    """Maximum new tokens per completion; 0 means the task's default (arith and math 40, chat_arith 96)."""
     beta: float = 0.0
     """KL penalty coefficient (TRL k3 on sampled tokens); 0 skips TRL's reference pass entirely."""
     loss_type: str = "grpo"
@@ -135,7 +139,7 @@ class RunConfig:
     eval_prompts: int = 128
     """Held-out prompts scored before and after training (greedy accuracy and pass@k)."""
     pass_k: int = 4
-    """k of pass@k (k samples per held-out prompt at the sampling temperature)."""
+    """k of pass@k (k samples per held-out prompt at the sampling temperature); 0: greedy accuracy only."""
     # --- run ---------------------------------------------------------------------------------------------
     seed: int = 0
     """Seed for data order, sampling and adapter initialisation."""
@@ -183,13 +187,25 @@ class RunConfig:
             raise bad("adam_beta2", self.adam_beta2, "need adam_beta1**2 < adam_beta2 < 1")
         if self.num_generations < 2:
             raise bad("num_generations", self.num_generations, "GRPO needs >= 2 completions per prompt")
+        if not self.task:
+            from arca_lab.pretrained import NAMED_MODELS
+
+            self.task = NAMED_MODELS[self.model].default_task if self.model in NAMED_MODELS else "arith"
+        from arca_lab.tasks import TASK_NAMES
+
+        if self.task not in TASK_NAMES:
+            raise bad("task", self.task, f"choose from {list(TASK_NAMES)}")
         if self.max_prompt_length == 0:
             self.max_prompt_length = TASK_PROMPT_LENGTHS.get(self.task, 512)
+        if self.max_completion_length == 0:
+            self.max_completion_length = TASK_COMPLETION_LENGTHS.get(self.task, 40)
         for name in ("steps", "prompts_per_step", "grad_accum", "max_completion_length", "max_prompt_length"):
             if getattr(self, name) < 1:
                 raise bad(name, getattr(self, name), "use a positive integer")
         if (self.prompts_per_step * self.num_generations) % self.grad_accum:
             raise bad("grad_accum", self.grad_accum, "it must divide prompts_per_step * num_generations")
+        if self.pass_k < 0:
+            raise bad("pass_k", self.pass_k, "use k >= 1 samples per prompt, or 0 for greedy accuracy only")
         if self.save_every < 0:
             raise bad("save_every", self.save_every, "use 0 (final adapter only) or K >= 1 steps")
         from arca_lab.rollout.correction import check_correction_args, check_dc_args
@@ -331,6 +347,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_prompts=200,
         pass_k=4,
         seed=1337,
+    ),
+    # SmolLM2-135M-Instruct (from the `smollm` extra) on chat_arith, sized for 2 CPU cores: 4 prompts x 8
+    # completions per step (a step ~15-30 s here), greedy accuracy only (pass@k would cost 4 more generations).
+    "smollm-cpu": dict(
+        model="smollm2-135m",
+        task="chat_arith",
+        rank=8,
+        alpha="2r",
+        target_modules="all-linear",
+        credit="uniform",
+        sharpening=2.0,
+        steps=16,
+        prompts_per_step=4,
+        num_generations=8,
+        max_completion_length=96,
+        temperature=1.0,
+        top_p=1.0,
+        lr=2e-4,
+        eval_prompts=64,
+        pass_k=0,
     ),
     # MERL TR2026-092-style KL-vs-rank run: alpha = r, KL-free (add --beta 0.05 for the regularised arm).
     "merl": dict(

@@ -75,12 +75,17 @@ def evaluate(
     top_p: float = 1.0,
     seed: int = 0,
 ) -> EvalResult:
-    """Greedy accuracy and pass@k (k samples at the sampling temperature: 1 if any is correct)."""
+    """Greedy accuracy and pass@k (k samples at the sampling temperature: 1 if any is correct; k = 0: greedy
+    only, pass@k NaN)."""
     was_training = model.training
     model.eval()
     prompts = [r["prompt"] for r in rows]
     answers = [r["answer"] for r in rows]
     greedy = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    if k < 1:  # greedy only (pass@k not measured: NaN, never a 0 that reads as "never solved")
+        model.train(was_training)
+        greedy_correct = np.array([task.reward(c, a) for c, a in zip(greedy, answers, strict=True)])
+        return EvalResult(greedy_correct, np.full(len(prompts), np.nan), 0)
     torch.manual_seed(seed)  # sampled completions are reproducible for a seed
     sampled = generate(
         model,

@@ -29,11 +29,16 @@ def resolve_device_dtype(cfg: RunConfig) -> tuple[torch.device, torch.dtype]:
 
 
 def resolve_model_path(model: str) -> str:
-    """ "embedded" -> the cached tiny model directory (built on first use); a local path must exist."""
+    """ "embedded" -> the cached tiny model directory (built on first use); a named packaged model
+    (`arca_lab.pretrained.NAMED_MODELS`) -> its converted directory; a local path must exist."""
     if model == "embedded":
         from arca_lab.embedded import embedded_model_dir
 
         return str(embedded_model_dir())
+    from arca_lab.pretrained import NAMED_MODELS, named_model_dir
+
+    if model in NAMED_MODELS:  # a packaged pretrained model, converted to the hub format once
+        return str(named_model_dir(model))
     looks_local = model.startswith((".", "/", "~")) or (os.sep in model and not _looks_like_hub_id(model))
     if looks_local and not Path(model).expanduser().is_dir():
         raise FileNotFoundError(

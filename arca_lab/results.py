@@ -58,8 +58,11 @@ def versions() -> dict[str, str]:
 
 def base_model_info(name_or_path: str) -> dict[str, Any]:
     """Which base model a run adapted: its path or hub id and, for an embedded build, the build's hash, id and
-    accuracy (from its build_info.json), so runs on different builds are never mistaken for the same base."""
+    accuracy (from its build_info.json), so runs on different builds are never mistaken for the same base; for a
+    converted packaged model (`arca_lab.pretrained`), its provenance.json (package version, GGUF SHA-256, Q4_1
+    dequantised)."""
     from arca_lab.embedded import BUILD_INFO
+    from arca_lab.pretrained import PROVENANCE
 
     info: dict[str, Any] = {"name_or_path": name_or_path}
     build = Path(name_or_path) / BUILD_INFO
@@ -67,6 +70,11 @@ def base_model_info(name_or_path: str) -> dict[str, Any]:
         meta = json.loads(build.read_text())
         keep = ("name", "seed", "build_hash", "build_id", "created", "final_accuracy", "num_parameters")
         info["embedded_build"] = {k: meta.get(k) for k in keep}
+    converted = Path(name_or_path) / PROVENANCE
+    if (
+        converted.is_file()
+    ):  # a packaged pretrained model (arca_lab.pretrained): package, GGUF hash, quantisation
+        info["converted_from"] = json.loads(converted.read_text())
     return info
 
 

@@ -58,6 +58,13 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
 
 
 def load_task(cfg: RunConfig) -> Task:
+    """The run's task; chat_arith renders its prompts with the model's own tokenizer (loaded alone, no weights)."""
+    if cfg.task == "chat_arith":
+        from transformers import AutoTokenizer
+
+        from arca_lab.models import resolve_model_path
+
+        return get_task("chat_arith", tokenizer=AutoTokenizer.from_pretrained(resolve_model_path(cfg.model)))
     return get_task(cfg.task, **({"source": cfg.data} if cfg.task == "math" else {}))
 
 

@@ -64,6 +64,56 @@ def test_default_grid_is_the_union_of_two_questions():
     assert len({(c.steps, c.prompts_per_step, c.num_generations) for c in configs}) == 1  # matched budgets
 
 
+def test_discrepancy_preset_is_the_pre_registered_grid():
+    """notebooks/discrepancy_analysis.ipynb fixed the grid before any run; the preset must run exactly it."""
+    grid = make_grid("discrepancy")
+    configs = [grid.config(p, "x") for p in grid.points()]
+    key = [(c.rollout_engine, c.rollout_noise, c.correction, c.rank, c.seed) for c in configs]
+    stage_a = set(itertools.product(("fp32", "bf16", "int8"), (0.0,), ("none",), (1, 16), range(6))) | set(
+        itertools.product(("noise",), (0.003, 0.01, 0.03, 0.1, 0.3), ("none",), (1, 16), range(6))
+    )
+    corrections = (
+        "token_truncate",
+        "token_mask",
+        "sequence_truncate",
+        "sequence_mask",
+        "rejection",
+        "dc_grpo",
+    )
+    stage_b = set(itertools.product(("noise",), (0.1, 0.3), corrections, (16,), range(3)))
+    assert len(key) == len(set(key)) == 96 + 36
+    assert set(key) == stage_a | stage_b
+    for c in configs:
+        assert (c.credit, c.target_modules, c.alpha, c.model) == ("uniform", "all-linear", "2r", "embedded")
+        assert (c.steps, c.prompts_per_step, c.num_generations, c.sharpening) == (12, 16, 8, 2.0)
+        assert (c.temperature, c.top_p, c.is_clip, c.band(), c.is_seq_agg) == (
+            1.0,
+            1.0,
+            2.0,
+            (0.5, 2.0),
+            "mean",
+        )
+        assert (c.rs_estimator, c.rs_level, c.dc_target) == ("k3", "token", -1.0)  # c: the bf16 median δ
+    text = "".join(
+        nbformat.read(Path(__file__).parents[1] / "notebooks" / "discrepancy_analysis.ipynb", as_version=4)
+        .cells[0]
+        .source
+    )
+    assert "σ ∈ {0.003, 0.01, 0.03, 0.1, 0.3}} × rank {1, 16}\n  × seeds 0–5" in text
+    assert "noise σ ∈ {0.1, 0.3}, rank 16,\n  seeds 0–2" in text
+
+
+def test_each_preset_executes_its_own_analysis_notebook(tmp_path):
+    assert sweep_exec.analysis_notebook(tmp_path).name == "rank_sweep_analysis.ipynb"  # no sweep.json
+    for preset, name in (
+        ("discrepancy", "discrepancy_analysis.ipynb"),
+        ("full", "rank_sweep_analysis.ipynb"),
+    ):
+        (tmp_path / "sweep.json").write_text(json.dumps({"preset": preset}))
+        assert sweep_exec.analysis_notebook(tmp_path).name == name
+        assert sweep_exec.analysis_notebook(tmp_path).is_file()
+
+
 def test_arm_and_alpha_rule_map_to_config_and_back():
     grid = make_grid("default")
     for point in grid.points():
@@ -142,25 +192,27 @@ def test_cost_model_by_hand(round_costs):
     b = make_config(**BASE, credit="arca", target_modules="lm_head")
     c = make_config(**BASE, beta=0.05)
     # a: 16 x 8 = 128 completions x 0.01 s = 1.28 s per step (1 thread: speed-up 1), x 10 steps = 12.8 s;
-    #    evals 2 (before, after) x 50 prompts x (1 greedy + 4 samples) x 0.001 s = 0.5 s;
-    #    10 notebook + 2 setup + 0.5 + 12.8 = 25.3 s
-    assert estimate_run_seconds(a) == pytest.approx(25.3)
-    # b: step 1.28 x 1.5 (arca) x 0.5 (head only) = 0.96 s, x 10 = 9.6 s: 10 + 2 + 0.5 + 9.6 = 22.1 s
-    assert estimate_run_seconds(b) == pytest.approx(22.1)
-    # c: step 1.28 x 2 (beta > 0) = 2.56 s, x 10 = 25.6 s: 10 + 2 + 0.5 + 25.6 = 38.1 s
-    assert estimate_run_seconds(c) == pytest.approx(38.1)
-    # [a, a, b] over 2 warm workers in order: a -> worker 1 (kernel 5 + 25.3 = 30.3), a -> worker 2 (30.3),
-    # b -> the first free one, worker 1, whose kernel is warm (30.3 + 22.1 = 52.4): makespan 52.4 s. Plus build 100,
-    # startup 3, combine 4, analysis 20 and, for each of the 3 runs, combine 0.5 + verify-bound 1:
-    # 100 + 3 + 52.4 + 4 + 20 + 4.5 = 183.9 s
-    assert estimate_seconds([a, a, b], workers=2, build_cached=False) == pytest.approx(183.9)
-    # the same with a new kernel for every run (Slurm): b -> worker 1 at 30.3 + 5 + 22.1 = 57.4
-    assert estimate_seconds([a, a, b], workers=2, build_cached=False, warm=False) == pytest.approx(188.9)
-    # [c, a, b] over 2 workers: c -> 1 (5 + 38.1), a -> 2 (5 + 25.3), b -> 2 (30.3 + 22.1 = 52.4): makespan 52.4,
-    # base model cached: 3 + 52.4 + 4 + 20 + 4.5 = 83.9 s
-    assert estimate_seconds([c, a, b], workers=2) == pytest.approx(83.9)
-    # a resumed sweep with only a left to run still combines and analyses all 300 runs: 3 + 30.3 + 4 + 20 + 450
-    assert estimate_seconds([a], workers=2, total_runs=300) == pytest.approx(507.3)
+    #    one eval (after: the base model's is measured once per kernel) x 50 prompts x (1 greedy + 4 samples)
+    #    x 0.001 s = 0.25 s; 10 notebook + 2 setup + 0.25 + 12.8 = 25.05 s
+    assert estimate_run_seconds(a) == pytest.approx(25.05)
+    # b: step 1.28 x 1.5 (arca) x 0.5 (head only) = 0.96 s, x 10 = 9.6 s: 10 + 2 + 0.25 + 9.6 = 21.85 s
+    assert estimate_run_seconds(b) == pytest.approx(21.85)
+    # c: step 1.28 x 2 (beta > 0) = 2.56 s, x 10 = 25.6 s: 10 + 2 + 0.25 + 25.6 = 37.85 s
+    assert estimate_run_seconds(c) == pytest.approx(37.85)
+    # a with a rollout engine: two more evals (the engine's before and after): 10 + 2 + 0.75 + 12.8 = 25.55 s
+    assert estimate_run_seconds(make_config(**BASE, rollout_engine="fp32")) == pytest.approx(25.55)
+    # [a, a, b] over 2 warm workers in order: a -> worker 1 (kernel 5 + 25.05 = 30.05), a -> worker 2 (30.05),
+    # b -> the first free one, worker 1, whose kernel is warm (30.05 + 21.85 = 51.9): makespan 51.9 s. Plus build
+    # 100, startup 3, combine 4, analysis 20 and, for each of the 3 runs, combine 0.5 + verify-bound 1:
+    # 100 + 3 + 51.9 + 4 + 20 + 4.5 = 183.4 s
+    assert estimate_seconds([a, a, b], workers=2, build_cached=False) == pytest.approx(183.4)
+    # the same with a new kernel for every run (Slurm): b -> worker 1 at 30.05 + 5 + 21.85 = 56.9
+    assert estimate_seconds([a, a, b], workers=2, build_cached=False, warm=False) == pytest.approx(188.4)
+    # [c, a, b] over 2 workers: c -> 1 (5 + 37.85), a -> 2 (5 + 25.05), b -> 2 (30.05 + 21.85 = 51.9): makespan
+    # 51.9, base model cached: 3 + 51.9 + 4 + 20 + 4.5 = 83.4 s
+    assert estimate_seconds([c, a, b], workers=2) == pytest.approx(83.4)
+    # a resumed sweep with only a left to run still combines and analyses all 300 runs: 3 + 30.05 + 4 + 20 + 450
+    assert estimate_seconds([a], workers=2, total_runs=300) == pytest.approx(507.05)
     assert estimate_run_seconds(make_config(model="some/hub-model")) is None
     assert estimate_seconds([a, make_config(model="some/hub-model")], workers=2) is None
 

@@ -2,7 +2,9 @@
 
 Cost model (`estimate_seconds`), for the embedded default on CPU; constants measured on this project's 2-core
 machine (`COST`, `benchmarks/bench_sweep.py`), in seconds:
-    run      = notebook + set-up + 2 * eval + steps * step
+    run      = notebook + set-up + evals * eval + steps * step
+    evals    = 1 (after; a warm kernel evaluates the base model once, `arca_lab.run._BEFORE`), + 2 with a rollout
+               engine (its accuracy before and after)
     step     = per_completion * prompts_per_step * num_generations * credit, arm, beta factors / speed-up(threads)
     eval     = per_eval_sequence * eval_prompts * (1 + pass_k)          (greedy + pass_k samples, before and after)
     worker   = kernel (once: a local worker keeps its kernel warm) + its runs; with Slurm every run pays a kernel
@@ -29,16 +31,18 @@ COST = dict(
     # Measured with benchmarks/bench_sweep.py in default sweeps on the 2-core project machine (torch 2.13 CPU,
     # 2 workers x 1 thread, warm kernels; per-run medians of the executed notebooks and run.nc step times).
     kernel=9.0,  # once per kernel: its start 2 s + imports of torch/transformers/trl/peft 5-6 s, two at once
-    notebook=1.1,  # per run in a warm kernel: namespace reset 0.25 s, reading run.nc back 0.36 s, figures 0.45 s
+    notebook=1.4,  # per run in a warm kernel: namespace reset, figures, papermill (run.nc is not read back)
     setup=0.9,  # model load, trainer construction, writing adapter + run.nc
-    per_completion=0.0062,  # step seconds per sampled completion: 0.79 s per step of 16 x 8 (arm all, uniform)
-    per_eval_sequence=0.0018,  # one greedy or sampled held-out completion, before and after
+    # step seconds per sampled completion: 0.86 s per step of 16 x 8 (arm all, uniform); recalibrated on the
+    # full preset's ranks 4-32 (180 runs, 30 Nov 2026; ranks 1-2 ran beside a compile job and are left out)
+    per_completion=0.0067,
+    per_eval_sequence=0.0018,  # one greedy or sampled held-out completion
     build=60.0,  # the embedded base-model build when not cached (61.5 s on idle cores; it stops at an accuracy)
     startup=5.0,  # runner imports, kernelspec, worker processes
     combine=5.0,  # ending the workers and their kernels, starting the processes that read the runs ...
-    combine_per_run=0.2,  # ... reading run.nc files into sweep.nc on 2 processes (0.36 s per file on one)
-    analysis=25.0,  # the analysis notebook's fixed part (35 s measured for the 23-run default sweep) ...
-    analysis_per_run=0.7,  # ... plus verify-bound on 8 held-out prompts per run (232 s for the 300-run full sweep)
+    combine_per_run=0.23,  # ... reading run.nc files into sweep.nc on 2 processes (0.36 s per file on one)
+    analysis=36.0,  # the analysis notebook's fixed part (136 s for the 300-run full sweep, 100 s of it verify) ...
+    analysis_per_run=0.33,  # ... plus verify-bound on 8 held-out prompts per run, on 2 processes (0.7 s on one)
 )
 CREDIT_FACTOR = {"surprisal": 1.1, "entropy_reduction": 1.1, "divergence": 1.1, "arca": 1.15}
 """Step-time multiplier per credit relative to uniform (arca: one extra no-grad base forward); measured
@@ -76,7 +80,8 @@ def estimate_run_seconds(cfg: RunConfig) -> float | None:
     """Seconds one embedded run takes in a warm kernel; None for other models (no calibration)."""
     if cfg.model != "embedded":
         return None
-    evals = 2 * COST["per_eval_sequence"] * cfg.eval_prompts * (1 + cfg.pass_k)
+    evals = 1 + 2 * (cfg.rollout_engine != "same")
+    evals *= COST["per_eval_sequence"] * cfg.eval_prompts * (1 + cfg.pass_k)
     return COST["notebook"] + COST["setup"] + evals + cfg.steps * COST["per_completion"] * step_factor(cfg)
 
 

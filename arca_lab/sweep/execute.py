@@ -328,12 +328,24 @@ def _stderr_to(path: Path):
         os.close(saved)
 
 
+def analysis_notebook(sweep_dir: Path) -> Path:
+    """The analysis notebook of the sweep's preset (`SweepPreset.analysis`, recorded preset in sweep.json);
+    `ANALYSIS_NOTEBOOK` for a sweep without a known preset."""
+    from arca_lab.sweep.grid import SWEEP_PRESETS
+
+    try:
+        preset = json.loads((sweep_dir / "sweep.json").read_text()).get("preset", "")
+    except (OSError, ValueError):
+        preset = ""
+    return NOTEBOOK_DIR / SWEEP_PRESETS[preset].analysis if preset in SWEEP_PRESETS else ANALYSIS_NOTEBOOK
+
+
 def execute_analysis(sweep_dir: Path, notebook: Path | None = None) -> tuple[Path | None, str]:
     """Execute the analysis notebook into `sweep_dir/analysis.ipynb` (figures in `sweep_dir/figures`).
 
     Returns (executed notebook or None, error text or ""). A missing notebook is skipped with a message.
     """
-    notebook = notebook or ANALYSIS_NOTEBOOK
+    notebook = notebook or analysis_notebook(sweep_dir)
     if not notebook.is_file():
         print(
             f"warning: analysis notebook {notebook} not found: skipped (run `arca-lab report` once it exists)",

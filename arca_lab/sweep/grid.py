@@ -17,6 +17,7 @@ from typing import Any
 
 from arca_lab.config import RunConfig, make_config
 from arca_lab.credit import CREDITS
+from arca_lab.rollout.correction import CORRECTIONS
 from arca_lab.sweep.cost import COST as COST
 from arca_lab.sweep.cost import default_threads as default_threads
 from arca_lab.sweep.cost import estimate_run_seconds as estimate_run_seconds
@@ -240,6 +241,8 @@ class SweepPreset:
     config_preset: str | None = None
     shared: dict[str, Any] = field(default_factory=dict)
     extra_axes: tuple[str, ...] = ()
+    analysis: str = "rank_sweep_analysis.ipynb"
+    """The analysis notebook (in notebooks/) the sweep executes into SWEEP_DIR/analysis.ipynb at the end."""
 
 
 CPU_SHARED = dict(sharpening=2.0, steps=12, prompts_per_step=16, num_generations=8, eval_prompts=64, pass_k=4)
@@ -322,6 +325,83 @@ SWEEP_PRESETS: dict[str, SweepPreset] = {
         extra_axes=("beta",),
     ),
 }
+
+
+SWEEP_PRESETS["smollm-cpu"] = SweepPreset(
+    "SmolLM2-135M-Instruct on chat_arith (CPU, one seed): the 5 credits at rank 8, alpha 2r, and uniform at "
+    "ranks 1 and 16; runs one at a time in one warm kernel, so the base model's greedy accuracy is measured once",
+    (
+        dict(
+            rank=(8,),
+            credit=("uniform", *OUTPUT_CREDITS, "arca"),
+            seed=(0,),
+            arm=("all",),
+            alpha_rule=("2r",),
+        ),
+        dict(rank=(1, 16), credit=("uniform",), seed=(0,), arm=("all",), alpha_rule=("2r",)),
+    ),
+    config_preset="smollm-cpu",
+)
+
+# The discrepancy preset implements the grid pre-registered in notebooks/discrepancy_analysis.ipynb (committed in
+# 8e08b1d, before any run of it): change it only together with that notebook's "Pre-registered" cell, marked post hoc.
+NOISE_SIGMAS = (0.003, 0.01, 0.03, 0.1, 0.3)
+"""Stage A's relative weight-noise scales of the `noise` engine."""
+CORRECTED_SIGMAS = (0.1, 0.3)
+"""Stage B's two discrepancy levels (noise σ), fixed before the runs."""
+CORRECTIONS_RUN = tuple(c for c in CORRECTIONS if c != "none")
+"""Stage B: every correction but `none` (Stage A's)."""
+DISCREPANCY_SHARED = dict(
+    CPU_SHARED,
+    top_p=1.0,
+    is_clip=2.0,
+    is_band="0.5,2.0",
+    is_seq_agg="mean",
+    rs_estimator="k3",
+    rs_level="token",
+)
+"""Stage A and B share these: the embedded CPU budget, top-p 1 (the engine's and the trainer's log-probs are of
+the same distribution), TIS C = 2, mask band [0.5, 2], geometric-mean sequence ratios, k3 rejection per token;
+dc_grpo's c defaults to the bf16 copy's median δ on the first batch."""
+_STAGE = dict(credit=("uniform",), arm=("all",), alpha_rule=("2r",))
+
+SWEEP_PRESETS["discrepancy"] = SweepPreset(
+    "embedded, train-inference discrepancy (pre-registered in notebooks/discrepancy_analysis.ipynb): "
+    "(A) correction none x engine fp32, bf16, int8, noise sigma 0.003-0.3 x rank 1, 16 x 6 seeds; "
+    "(B) 6 corrections x sigma 0.1, 0.3 x rank 16 x 3 seeds; uniform credit, all-linear, alpha 2r",
+    (
+        # Stage A: the numerical floor (fp32) and the deployment-like engines, no noise ...
+        dict(
+            rank=(1, 16),
+            seed=tuple(range(6)),
+            rollout_engine=("fp32", "bf16", "int8"),
+            rollout_noise=(0.0,),
+            correction=("none",),
+            **_STAGE,
+        ),
+        # ... and the weight-noise ladder
+        dict(
+            rank=(1, 16),
+            seed=tuple(range(6)),
+            rollout_engine=("noise",),
+            rollout_noise=NOISE_SIGMAS,
+            correction=("none",),
+            **_STAGE,
+        ),
+        # Stage B: every correction at two discrepancy levels, rank 16 (paired by seed with Stage A's none runs)
+        dict(
+            rank=(16,),
+            seed=(0, 1, 2),
+            rollout_engine=("noise",),
+            rollout_noise=CORRECTED_SIGMAS,
+            correction=CORRECTIONS_RUN,
+            **_STAGE,
+        ),
+    ),
+    shared=DISCREPANCY_SHARED,
+    extra_axes=("rollout_engine", "rollout_noise", "correction"),
+    analysis="discrepancy_analysis.ipynb",
+)
 
 
 def make_grid(

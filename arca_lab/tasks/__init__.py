@@ -5,7 +5,7 @@ from __future__ import annotations
 from arca_lab.tasks.arith import ArithTask
 from arca_lab.tasks.base import ANSWER, FORMAT, ROLES, WORK, Task
 
-TASK_NAMES: tuple[str, ...] = ("arith", "math")
+TASK_NAMES: tuple[str, ...] = ("arith", "math", "chat_arith")
 """Names `get_task` accepts."""
 
 
@@ -13,7 +13,8 @@ def get_task(name: str, **kwargs) -> Task:
     """The task registered as `name`, built with `kwargs`.
 
     ``"arith"`` → `ArithTask(**kwargs)` (the embedded model's task); ``"math"`` →
-    `arca_lab.tasks.math.MathTask(**kwargs)`, imported only when asked for (it needs the ``math`` extra).
+    `arca_lab.tasks.math.MathTask(**kwargs)`, imported only when asked for (it needs the ``math`` extra);
+    ``"chat_arith"`` → `arca_lab.tasks.chat_arith.ChatArithTask(**kwargs)` (pass the model's `tokenizer`).
     """
     if name == "arith":
         return ArithTask(**kwargs)
@@ -21,6 +22,10 @@ def get_task(name: str, **kwargs) -> Task:
         from arca_lab.tasks.math import MathTask
 
         return MathTask(**kwargs)
+    if name == "chat_arith":
+        from arca_lab.tasks.chat_arith import ChatArithTask
+
+        return ChatArithTask(**kwargs)
     raise ValueError(f"unknown task {name!r}; accepted names: {', '.join(TASK_NAMES)}")
 
 
