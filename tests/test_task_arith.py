@@ -158,4 +158,4 @@ def test_registry():
     assert get_task("arith", n_terms=2).n_terms == 2
     with pytest.raises(ValueError, match="arith, math"):
         get_task("gsm8k")
-    assert TASK_NAMES == ("arith", "math")
+    assert TASK_NAMES == ("arith", "math", "chat_arith")

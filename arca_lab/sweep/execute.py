@@ -337,7 +337,8 @@ def analysis_notebook(sweep_dir: Path) -> Path:
         preset = json.loads((sweep_dir / "sweep.json").read_text()).get("preset", "")
     except (OSError, ValueError):
         preset = ""
-    return NOTEBOOK_DIR / SWEEP_PRESETS[preset].analysis if preset in SWEEP_PRESETS else ANALYSIS_NOTEBOOK
+    own = SWEEP_PRESETS[preset].analysis if preset in SWEEP_PRESETS else ""
+    return NOTEBOOK_DIR / own if own else ANALYSIS_NOTEBOOK
 
 
 def execute_analysis(sweep_dir: Path, notebook: Path | None = None) -> tuple[Path | None, str]:

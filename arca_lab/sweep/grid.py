@@ -241,8 +241,9 @@ class SweepPreset:
     config_preset: str | None = None
     shared: dict[str, Any] = field(default_factory=dict)
     extra_axes: tuple[str, ...] = ()
-    analysis: str = "rank_sweep_analysis.ipynb"
-    """The analysis notebook (in notebooks/) the sweep executes into SWEEP_DIR/analysis.ipynb at the end."""
+    analysis: str = ""
+    """The analysis notebook (in notebooks/) the sweep executes into SWEEP_DIR/analysis.ipynb at the end; empty:
+    `arca_lab.sweep.execute.ANALYSIS_NOTEBOOK` (rank_sweep_analysis.ipynb)."""
 
 
 CPU_SHARED = dict(sharpening=2.0, steps=12, prompts_per_step=16, num_generations=8, eval_prompts=64, pass_k=4)

@@ -3,20 +3,21 @@ from free text. The task of ``--model smollm2-135m``.
 
 A problem is one of a few story templates over small integers, e.g.
 
-    user       Mia has 23 marbles. She gets 14 more. How many marbles does Mia have now?
-    assistant  Mia has 23 + 14 = 37 marbles. The answer is 37.
+    user       Mia has 13 marbles. Mia gets 14 more. How many marbles does Mia have now?
+    assistant  Mia has 13 + 14 = 27 marbles. The answer is 27.
 
 The prompt is the conversation (system instruction + the question) rendered with the tokenizer's own chat
 template and its generation prompt, so TRL and `arca_lab.evaluate` feed the model exactly what it was tuned on.
-The system instruction asks for a final sentence "The answer is N."; the reward does not require it.
 
 Reward: 1.0 iff the final answer equals the reference. The final answer is the number after the last "answer is"
 (case-insensitive) if the completion has one, else the last number in the completion (thousands separators and
 a trailing ".0" tolerated). Never raises on model output.
 
-Difficulty (`level`): the operand range and the number of operations. Level 1 is one addition or subtraction
-with operands 10-50; level 2 adds multiplication by 2-9 and two-operation stories. The default is set so that
-SmolLM2-135M-Instruct's greedy accuracy lies in 15-60 % (measured: README, "A real pretrained model").
+Difficulty (`level`): the operand range and the number of operations. Level 1 (default) is one addition or
+subtraction with operands 2-19; level 2 has operands 10-50, multiplication by 2-9 and two-operation stories.
+SmolLM2-135M-Instruct (Q4_1 dequantised), greedy, 96 new tokens: level 1 16 % (5 of 32 held-out problems); with a
+system turn asking for "The answer is N.": 9 % (level 1), 11 % (operands 10-50), 6 % (level 2), 64 problems each
+(README, "A real pretrained model on CPU").
 
 Train/eval split: a keyed BLAKE2b hash of (template, operands) holds out one problem in `EVAL_MODULUS`, so no
 eval problem appears in any training draw, for any seed.
@@ -38,8 +39,9 @@ from arca_lab.tasks.math import token_char_spans
 
 EVAL_MODULUS = 8
 """One problem in `EVAL_MODULUS` (by hash) is held out for evaluation."""
-SYSTEM = "You are a careful math tutor. Solve the problem step by step, then end with: The answer is N."
-"""System instruction of every prompt."""
+SYSTEM = "You are a helpful assistant."
+"""System turn of every prompt (SmolLM2's own default). Asking for "The answer is N." or "one short calculation"
+lowered SmolLM2-135M's greedy accuracy (9 % and 6 % against 16 %, 32-64 held-out problems), so it is not asked."""
 NAMES = ("Mia", "Sam", "Ava", "Leo", "Zoe", "Max", "Ivy", "Ben", "Lily", "Tom", "Emma", "Noah")
 ITEMS = ("apples", "marbles", "stickers", "books", "coins", "cards", "pencils", "shells")
 
@@ -103,7 +105,7 @@ class ChatArithTask:
     Args:
         tokenizer: a tokenizer with a chat template (prompts are rendered with it); None renders plain text
             "question\\n" (for tests and for base models without a template).
-        level: 1 (one addition or subtraction, operands 10-50) or 2 (also multiplication and two-step stories).
+        level: 1 (one addition or subtraction, operands 2-19) or 2 (operands 10-50, multiplication, two steps).
     """
 
     name = "chat_arith"
@@ -134,9 +136,10 @@ class ChatArithTask:
     def _operands(self, rng: random.Random, kind: str) -> tuple[int, int, int]:
         if kind == "mul":
             return rng.randint(3, 12), rng.randint(2, 9), 0
-        a, b = rng.randint(10, 50), rng.randint(10, 50)
+        low, high = (2, 19) if self.level == 1 else (10, 50)
+        a, b = rng.randint(low, high), rng.randint(low, high)
         if kind == "sub":
-            a, b = max(a, b) + 5, min(a, b)
+            a, b = max(a, b) + 3, min(a, b)
         c = rng.randint(1, a + b) if kind == "add_sub" else 0
         return a, b, c
 
@@ -146,7 +149,14 @@ class ChatArithTask:
         rng = random.Random(f"chat-arith-{'eval' if held_out else 'train'}-{self.level}-{seed}")
         seen: set[str] = set()
         rows: list[dict[str, str]] = []
+        attempts = 0
         while len(rows) < n:
+            attempts += 1
+            if attempts > 200 * (n + 10):  # the split holds fewer distinct problems than asked for
+                raise ValueError(
+                    f"{self!r} found only {len(rows)} distinct {'eval' if held_out else 'train'} problems of {n}: "
+                    "ask for fewer (--eval-prompts, --steps x --prompts-per-step)"
+                )
             kind, text, answer, _ = rng.choice(self.templates)
             a, b, c = self._operands(rng, kind)
             key = f"{kind}:{a}:{b}:{c}"
