@@ -349,7 +349,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         seed=1337,
     ),
     # SmolLM2-135M-Instruct (from the `smollm` extra) on chat_arith, sized for 2 CPU cores: 4 prompts x 8
-    # completions per step (a step ~15-30 s here), greedy accuracy only (pass@k would cost 4 more generations).
+    # completions per step (a step 62 s uniform, 77 s ARCA here: benchmarks/bench_smollm.py), greedy accuracy only
+    # (pass@k would cost 4 more generations).
     "smollm-cpu": dict(
         model="smollm2-135m",
         task="chat_arith",
@@ -362,7 +363,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         prompts_per_step=4,
         num_generations=8,
         max_completion_length=96,
-        temperature=1.0,
+        temperature=0.7,  # at 1.0 a 12-step run's reward stayed at 0.03 (most samples fail); 0.7: README
         top_p=1.0,
         lr=2e-4,
         eval_prompts=64,
