@@ -71,9 +71,8 @@ def base_model_info(name_or_path: str) -> dict[str, Any]:
         keep = ("name", "seed", "build_hash", "build_id", "created", "final_accuracy", "num_parameters")
         info["embedded_build"] = {k: meta.get(k) for k in keep}
     converted = Path(name_or_path) / PROVENANCE
-    if (
-        converted.is_file()
-    ):  # a packaged pretrained model (arca_lab.pretrained): package, GGUF hash, quantisation
+    # a packaged pretrained model (arca_lab.pretrained): package, GGUF hash, quantisation
+    if converted.is_file():
         info["converted_from"] = json.loads(converted.read_text())
     return info
 
@@ -218,8 +217,8 @@ def load_run(path: str | Path) -> xr.Dataset:
     tests/test_run.py); any change to the file reads the file again.
     """
     path = Path(path)
-    path = path / "run.nc" if path.is_dir() else path
-    hit = _WRITTEN.get(str(path.resolve()))
-    if hit is not None and path.exists() and _signature(path.resolve()) == hit[0]:
+    path = (path / "run.nc" if path.is_dir() else path).resolve()
+    hit = _WRITTEN.get(str(path))
+    if hit is not None and path.exists() and _signature(path) == hit[0]:
         return hit[1].copy(deep=True)
     return xr.load_dataset(path, engine="h5netcdf")

@@ -300,17 +300,17 @@ def _before_key(model, cfg: RunConfig) -> tuple | None:
     if not files:
         return None
     stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    settings = (cfg.task, cfg.data, cfg.eval_prompts, cfg.pass_k, cfg.max_completion_length, cfg.temperature)
-    device = next(model.parameters()).device
-    return (
-        str(path.resolve()),
-        stats,
-        str(model.dtype),
-        str(device),
-        torch.get_num_threads(),
+    settings = (
+        cfg.task,
+        cfg.data,
+        cfg.eval_prompts,
+        cfg.pass_k,
+        cfg.max_completion_length,
+        cfg.temperature,
         cfg.top_p,
-        *settings,
     )
+    where = (str(model.dtype), str(next(model.parameters()).device), torch.get_num_threads())
+    return (str(path.resolve()), stats, *where, *settings)
 
 
 def _evaluate_base(model, tokenizer, task: Task, rows, cfg: RunConfig) -> EvalResult:

@@ -78,6 +78,7 @@ def phases(threads: int) -> list[tuple[str, float, float]]:
 
     model.eval()
     ids = generate()  # warm-up, and the batch the other phases use
+    out.append((f"(batch: sequences {tuple(ids.shape)}, threads {threads})", float("nan"), rss_mb()))
     out.append(("generate 32 completions", timed(generate), rss_mb()))
     mask = (ids != tok.pad_token_id).long()
     model.train()
@@ -105,7 +106,6 @@ def phases(threads: int) -> list[tuple[str, float, float]]:
             model(input_ids=ids[:4], attention_mask=mask[:4])
 
     out.append(("probe rows' full-vocabulary logits (4 rows)", timed(probe_logits), rss_mb()))
-    out.insert(0, (f"sequences {tuple(ids.shape)}, threads {threads}", float("nan"), rss_mb()))
     return out
 
 
