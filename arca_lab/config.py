@@ -25,12 +25,12 @@ HF_LR_SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cos
 """RunConfig.lr_schedule -> HF `lr_scheduler_type` (constant honours warm-up); also theory's schedule names."""
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 LAYER_AGGREGATES = ("mean", "max", "sum", "rms")
-TASK_PROMPT_LENGTHS = {"arith": 64, "math": 512, "chat_arith": 160}
+TASK_PROMPT_LENGTHS = {"arith": 64, "math": 512, "chat_arith": 160, "gsm8k": 256}
 """RunConfig.max_prompt_length = 0 resolves to this per-task default (MATH problems run to a few hundred tokens;
-chat_arith's system + user turn in SmolLM2's template is ~70)."""
-TASK_COMPLETION_LENGTHS = {"arith": 40, "math": 40, "chat_arith": 96}
+chat_arith's system + user turn in SmolLM2's template is ~70; gsm8k: MERL's 256)."""
+TASK_COMPLETION_LENGTHS = {"arith": 40, "math": 40, "chat_arith": 96, "gsm8k": 768}
 """RunConfig.max_completion_length = 0 resolves to this per-task default (a chat model explains before it answers;
-the GPU presets set 512 for MATH)."""
+the GPU presets set 512 for MATH; gsm8k: MERL's 768)."""
 
 
 @dataclass
@@ -39,9 +39,9 @@ class RunConfig:
     model: str = "embedded"
     """HF causal-LM id or local directory; "embedded" builds (once, cached) the tiny Qwen3 default; "smollm2-135m" is SmolLM2-135M-Instruct from the `smollm` extra."""
     task: str = ""
-    """Verifiable task: "arith" (embedded multi-step arithmetic), "math" (boxed answers, math-verify) or "chat_arith" (word problems in a chat template); empty means the model's (chat_arith for smollm2-135m, else arith)."""
+    """Verifiable task: "arith" (embedded multi-step arithmetic), "math" (boxed answers, math-verify), "chat_arith" (word problems in a chat template) or "gsm8k" (answers after ####, chat template); empty means the model's (chat_arith for smollm2-135m, else arith)."""
     data: str | None = None
-    """Task "math": a local JSONL (problem, solution) or an HF datasets id; unused for "arith"."""
+    """Tasks "math" and "gsm8k": a local JSONL (math: problem, solution; gsm8k: question, answer) or an HF datasets id; None = the task's default id."""
     # --- adapter ----------------------------------------------------------------------------------------
     rank: int = 8
     """LoRA rank r (> 0)."""
@@ -79,6 +79,10 @@ class RunConfig:
     """Sampling temperature (TRL divides the training logits by it too)."""
     top_p: float = 1.0
     """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Sample only among the k most likely tokens (0 = off). Other than top_p = 1 and top_k = 0, the sampler is not π_θ, so sequence-level KL estimates are NaN."""
+    repetition_penalty: float = 1.0
+    """Sampling repetition penalty (1 = off; MERL used 1.05); like top-k, it makes the sampler differ from π_θ."""
     max_prompt_length: int = 0
     """Prompts longer than this many tokens are refused; 0 means the task's default (arith 64, math 512, chat_arith 160)."""
     max_completion_length: int = 0
@@ -140,6 +144,8 @@ class RunConfig:
     """Held-out prompts scored before and after training (greedy accuracy and pass@k)."""
     pass_k: int = 4
     """k of pass@k (k samples per held-out prompt at the sampling temperature); 0: greedy accuracy only."""
+    eval_at: str = ""
+    """Also score greedy accuracy on the same held-out prompts after these optimiser steps, e.g. "6,12" (run.nc greedy_accuracy_at over eval_step); empty: before and after only."""
     # --- run ---------------------------------------------------------------------------------------------
     seed: int = 0
     """Seed for data order, sampling and adapter initialisation."""
@@ -206,6 +212,7 @@ class RunConfig:
             raise bad("grad_accum", self.grad_accum, "it must divide prompts_per_step * num_generations")
         if self.pass_k < 0:
             raise bad("pass_k", self.pass_k, "use k >= 1 samples per prompt, or 0 for greedy accuracy only")
+        self.eval_steps()  # validates eval_at
         if self.save_every < 0:
             raise bad("save_every", self.save_every, "use 0 (final adapter only) or K >= 1 steps")
         from arca_lab.rollout.correction import check_correction_args, check_dc_args
@@ -232,6 +239,14 @@ class RunConfig:
             raise bad("beta", self.beta, "use a KL coefficient >= 0")
         if not self.temperature > 0:
             raise bad("temperature", self.temperature, "use a temperature > 0")
+        if self.rollout_engine != "same" and self.repetition_penalty != 1.0:
+            raise bad(
+                "repetition_penalty", self.repetition_penalty, "rollout engines sample without it: use 1.0"
+            )
+        if self.top_k < 0:
+            raise bad("top_k", self.top_k, "use 0 (off) or k >= 1")
+        if not self.repetition_penalty > 0:
+            raise bad("repetition_penalty", self.repetition_penalty, "use a penalty > 0 (1 = off)")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", self.top_p, "use 0 < top_p <= 1")
         if not 0 <= self.lora_dropout < 1:
@@ -284,6 +299,22 @@ class RunConfig:
         """s in W = W0 + s B A for the chosen scaling rule (peft: alpha/r, or alpha/sqrt(r) with rsLoRA)."""
         a = self.lora_alpha()
         return {"alpha/r": a / self.rank, "rslora": a / math.sqrt(self.rank), "const": a}[self.scaling]
+
+    def eval_steps(self) -> tuple[int, ...]:
+        """`eval_at` as sorted optimiser steps, each in [1, steps - 1] (the last step's is greedy_accuracy_after)."""
+        text = str(self.eval_at).strip()
+        if not text:
+            return ()
+        try:
+            steps = sorted({int(v) for v in text.split(",")})
+        except ValueError:
+            raise ValueError(f'eval_at={self.eval_at!r} is not valid: write steps like "6,12"') from None
+        if steps[0] < 1 or steps[-1] >= self.steps:
+            raise ValueError(
+                f"eval_at={self.eval_at!r} is not valid: steps must lie in [1, steps - 1 = {self.steps - 1}] "
+                "(the final step is scored as greedy_accuracy_after)"
+            )
+        return tuple(steps)
 
     def band(self) -> tuple[float, float]:
         """`is_band` "lo,hi" as numbers."""
@@ -348,9 +379,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         pass_k=4,
         seed=1337,
     ),
-    # SmolLM2-135M-Instruct (from the `smollm` extra) on chat_arith, sized for 2 CPU cores: 4 prompts x 8
-    # completions per step (a step 62 s uniform, 77 s ARCA here: benchmarks/bench_smollm.py), greedy accuracy only
-    # (pass@k would cost 4 more generations).
+    # SmolLM2-135M-Instruct (from the `smollm` extra) on chat_arith, sized for 2 CPU cores so that its 7-run sweep
+    # fits 90 min (arca_lab.sweep.cost.MODEL_COST): 10 steps of 4 prompts x 6 completions (a step takes 55 s with
+    # 24 completions, 62 s with 32: most of it is sequential decoding, README), lr 3e-4 (16 steps at 2e-4 raised
+    # the reward; 12 at 3e-4 too, README); greedy accuracy only (pass@k would cost 4 more generations).
     "smollm-cpu": dict(
         model="smollm2-135m",
         task="chat_arith",
@@ -359,32 +391,50 @@ PRESETS: dict[str, dict[str, Any]] = {
         target_modules="all-linear",
         credit="uniform",
         sharpening=2.0,
-        steps=16,
+        steps=10,
         prompts_per_step=4,
-        num_generations=8,
+        num_generations=6,
         max_completion_length=96,
         temperature=0.7,  # at 1.0 a 12-step run's reward stayed at 0.03 (most samples fail); 0.7: README
         top_p=1.0,
-        lr=2e-4,
+        lr=3e-4,
         eval_prompts=64,
         pass_k=0,
     ),
-    # MERL TR2026-092-style KL-vs-rank run: alpha = r, KL-free (add --beta 0.05 for the regularised arm).
+    # MERL TR2026-092's published sweep (antoninrottman/simple-grpo, qwen/train_grpo.py at 6fe2c44), one run of it:
+    # Qwen2.5-1.5B-Instruct on GSM8K, LoRA on the 7 projections with alpha = r and dropout 0.05, 2 prompts x 16
+    # completions per step (4 per device x 8 accumulation), 300 steps, lr 5e-6 cosine with 10 % warm-up, AdamW
+    # (0.9, 0.99), weight decay 0.1, clip 1, sampling T 0.6 top-p 0.85 top-k 20 repetition 1.05, KL-free (their
+    # beta in {0, 0.05}: add --beta 0.05). Differences: fp16 there, the GPU default (bf16) here; their four shaped
+    # rewards vs our binary correctness (arca_lab.tasks.gsm8k).
     "merl": dict(
-        model="Qwen/Qwen3-1.7B-Base",
-        task="math",
-        data="EleutherAI/hendrycks_math",
+        model="Qwen/Qwen2.5-1.5B-Instruct",
+        task="gsm8k",
+        data="openai/gsm8k",
+        rank=16,
         alpha="r",
         target_modules="all-linear",
+        lora_dropout=0.05,
+        train_dropout=True,
         beta=0.0,
-        steps=100,
-        prompts_per_step=8,
-        num_generations=8,
-        max_prompt_length=512,
-        max_completion_length=512,
-        lr=1e-5,
+        steps=300,
+        prompts_per_step=2,
+        num_generations=16,
+        grad_accum=8,
+        temperature=0.6,
+        top_p=0.85,
+        top_k=20,
+        repetition_penalty=1.05,
+        max_prompt_length=256,
+        max_completion_length=768,
+        lr=5e-6,
         lr_schedule="cosine",
-        warmup_steps=10,
+        warmup_steps=30,
+        adam_beta2=0.99,
+        weight_decay=0.1,
+        grad_clip=1.0,
+        eval_prompts=200,
+        pass_k=0,
     ),
 }
 

@@ -6,7 +6,10 @@ Layout (every dimension named; config values as scalar coordinates; provenance i
 - dims (`sample`, `token`): the last micro-batch's completion_ids (-1 padded), completion_mask, weights, scores,
   token_roles, token_advantages, kl_policy_ref, kl_ref_policy, policy_logps, ref_logps (NaN padded).
 - dim `layer`: adapted modules with a0_fro / a0_op (||A0|| at initialisation), d_in, d_out.
-- dim `eval_prompt`: greedy_correct_{before,after}, pass_correct_{before,after}.
+- dim `eval_prompt`: greedy_correct_{before,after}, pass_correct_{before,after} (1/0 per held-out prompt; greedy
+  decoding, dropout off, the model dtype).
+- dim `eval_step` (only with RunConfig.eval_at): greedy_correct_at (eval_step, eval_prompt) and greedy_accuracy_at,
+  the same prompts scored after those optimiser steps (the final step's is greedy_accuracy_after).
 - attrs: config_json, git_sha, versions_json, base_model_json (`base_model_info`: path or hub id, embedded build
   hash and id), title.
 - what a KL bound needs: w_lm_op_norm (||W_lm||_op of the base head), max_head_input_norm (max ||x|| seen by lm_head),
@@ -120,6 +123,7 @@ def build_dataset(
     evals: dict[str, Any],
     scalars: dict[str, float],
     base_model: dict[str, Any] | None = None,
+    evals_at: dict[int, np.ndarray] | None = None,
 ) -> xr.Dataset:
     """Assemble run.nc; see the module docstring for the layout."""
     ds = xr.Dataset(coords={"step": np.arange(1, len(step_logs) + 1)})
@@ -158,6 +162,12 @@ def build_dataset(
             ds[key] = float(value)
     for key, value in scalars.items():
         ds[key] = float(value)
+    if evals_at:  # RunConfig.eval_at: greedy correctness after those optimiser steps
+        steps = sorted(evals_at)
+        correct = np.stack([np.asarray(evals_at[s], dtype=float) for s in steps])  # (eval_step, eval_prompt)
+        ds = ds.assign_coords(eval_step=steps)
+        ds["greedy_correct_at"] = (("eval_step", "eval_prompt"), correct)
+        ds["greedy_accuracy_at"] = ("eval_step", correct.mean(axis=1))
     ds = ds.assign_coords(config_coords(cfg))
     ds.attrs.update(
         config_json=cfg.to_json(),

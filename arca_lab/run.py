@@ -10,6 +10,7 @@ Output directory (written to a staging directory first and moved into place only
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 from datasets import Dataset
@@ -59,13 +61,15 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
 
 def load_task(cfg: RunConfig) -> Task:
     """The run's task; chat_arith renders its prompts with the model's own tokenizer (loaded alone, no weights)."""
-    if cfg.task == "chat_arith":
+    source = {"source": cfg.data} if cfg.task in ("math", "gsm8k") and cfg.data else {}
+    if cfg.task in ("chat_arith", "gsm8k"):
         from transformers import AutoTokenizer
 
         from arca_lab.models import resolve_model_path
 
-        return get_task("chat_arith", tokenizer=AutoTokenizer.from_pretrained(resolve_model_path(cfg.model)))
-    return get_task(cfg.task, **({"source": cfg.data} if cfg.task == "math" else {}))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model))
+        return get_task(cfg.task, tokenizer=tokenizer, **source)
+    return get_task(cfg.task, **source)
 
 
 def make_reward_fn(task: Task):
@@ -115,6 +119,8 @@ def grpo_args(cfg: RunConfig, output_dir: str, progress: bool) -> ArcaGRPOConfig
         max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
+        top_k=cfg.top_k,  # TRL: 0 = no top-k filter
+        repetition_penalty=cfg.repetition_penalty,
         beta=cfg.beta,
         loss_type=cfg.loss_type,
         num_iterations=1,
@@ -162,6 +168,21 @@ class AdapterCheckpoints(TrainerCallback):
         step = state.global_step
         if step % self.every == 0 and step < state.max_steps:
             model.save_pretrained(self.directory / checkpoint_name(step))
+
+
+class GreedyEvalAt(TrainerCallback):
+    """Greedy accuracy on the run's held-out rows after the optimiser steps `steps` (RunConfig.eval_at), with the
+    adapter as it is then; under a forked RNG (greedy decoding draws nothing, but generate may), so adding it
+    changes nothing else of the run. `results[step]` = per-prompt correctness (1/0)."""
+
+    def __init__(self, steps: tuple[int, ...], score) -> None:
+        self.steps, self.score = set(steps), score
+        self.results: dict[int, np.ndarray] = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps:
+            with torch.random.fork_rng(devices=[]):
+                self.results[state.global_step] = self.score(model)
 
 
 def checkpoint_name(step: int) -> str:
@@ -223,6 +244,10 @@ def train(cfg: RunConfig, progress: bool = True) -> Path:
     try:
         before = _evaluate_base(model, tokenizer, task, eval_rows, cfg)
         recorder = StepRecorder()
+        greedy = dataclasses.replace(cfg, pass_k=0)
+        evals_at = GreedyEvalAt(
+            cfg.eval_steps(), lambda m: _evaluate(m, tokenizer, task, eval_rows, greedy).greedy_correct
+        )
         transformers.set_seed(cfg.seed)  # the LoRA init draws from the global generator
         trainer = ArcaGRPOTrainer(
             model=model,
@@ -232,7 +257,7 @@ def train(cfg: RunConfig, progress: bool = True) -> Path:
             processing_class=tokenizer,
             peft_config=lora_config(cfg, model),
             token_roles=lambda ids: task.token_roles(ids, tokenizer),
-            callbacks=[recorder]
+            callbacks=[recorder, evals_at]
             + ([AdapterCheckpoints(cfg.save_every, staging / "checkpoints")] if cfg.save_every else []),
         )
         trainer.remove_callback(PrinterCallback)  # per-step metric dicts belong in run.nc, not on stdout
@@ -267,6 +292,7 @@ def train(cfg: RunConfig, progress: bool = True) -> Path:
             _eval_vars(before, after) | evals,
             scalars,
             base_model,
+            evals_at.results,
         )
         ds.attrs["measurement_json"] = json.dumps(trainer.measurement_info())
         write_netcdf(ds, staging / "run.nc")

@@ -81,6 +81,8 @@ from arca_lab.rollout.correction import (
 from arca_lab.rollout.engines import ENGINES, check_engine, completion_logprobs, make_engine
 
 _NEEDS_BASE = ("arca", "divergence")
+LOGITS_CHUNK_ELEMENTS = 2**26
+"""Float32 values per chunk of the credit/probe head logits (256 MB): SmolLM2's 49k vocabulary x 96 tokens -> 14 rows."""
 KL_PROBE_KEYS = (*KL_NAMES, "ref_logps")
 """Per-token outputs of `arca_lab.kl.kl_probe` that only exist where base states were computed."""
 _STEP_ONLY = ("head_input_norm", "base_head_input_norm")
@@ -516,12 +518,12 @@ class ArcaGRPOTrainer(GRPOTrainer):
     def _head_stats(self, h, h_base, completion_ids, completion_mask, base_rows) -> dict[str, torch.Tensor]:
         """Adapted-head log-probs and entropy on every row; the KL probe against the base on `base_rows`.
 
-        All at temperature 1, float32 logits with the model's logit transform. Chunked over rows so that
-        (rows, T, V) logits stay below ~256 MB for large vocabularies. Probe tensors are NaN on rows without
-        base states.
+        All at temperature 1, float32 logits with the model's logit transform. Chunked over rows so that the
+        (rows, T, V) logits of a chunk hold at most `LOGITS_CHUNK_ELEMENTS` values (at least one row): the KL probe's
+        full-vocabulary pass never holds a whole batch's logits. Probe tensors are NaN on rows without base states.
         """
         V = self._base_head.weight.size(0)
-        chunk = max(1, int(2**26 // max(1, h.size(1) * V)))
+        chunk = max(1, int(LOGITS_CHUNK_ELEMENTS // max(1, h.size(1) * V)))  # rows per chunk
         # Rows without base states get NaN, so every micro-batch has the same keys.
         probing = h_base is not None
         parts: list[dict[str, torch.Tensor]] = []

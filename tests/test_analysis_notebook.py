@@ -246,6 +246,50 @@ def test_beta_table_needs_both_beta_arms(points):
     assert table.loc[0.05, "acc_after"] == pytest.approx(0.4) and table.loc[0.05, "step_time"] == 3.0
 
 
+def test_regime_split_judges_each_credit_against_its_pre_registered_window():
+    def pts(ginis: dict[str, float], rank: int = 8, seeds: int = 1) -> pd.DataFrame:
+        rows = [
+            dict(
+                arm="all",
+                alpha_rule="2r",
+                rank=rank,
+                credit=c,
+                seed=s,
+                gini=g + 0.01 * s,
+                etr=0.5,
+                format_mass=0.7,
+            )
+            for c, g in ginis.items()
+            for s in range(seeds)
+        ]
+        return pd.DataFrame(rows)
+
+    paper_like = dict(uniform=0.0, surprisal=0.94, entropy_reduction=0.92, divergence=0.94, arca=0.39)
+    split = analysis.regime_split(pts(paper_like, rank=16, seeds=2))
+    # two seeds: Gini 0.39 and 0.40 -> mean 0.395, inside [0.2, 0.6]; uniform is listed, not judged
+    arca = split[split.credit == "arca"].iloc[0]
+    assert arca.gini == pytest.approx(0.395) and arca.meets and arca.seeds == 2
+    assert (arca.paper_gini, arca.paper_etr) == (0.388, 0.460)  # Table 3, ARCA at r 16
+    assert split[split.credit == "uniform"].iloc[0].criterion == ""
+    verdict = analysis.regime_split_verdict(split)
+    assert "HOLDS" in verdict and "anecdotal" in verdict
+    # the embedded model's ARCA (0.674) is above the window; a NaN output credit fails too
+    miss = analysis.regime_split_verdict(
+        analysis.regime_split(pts(paper_like | dict(arca=0.674, divergence=math.nan)))
+    )
+    assert "DOES NOT HOLD" in miss and "arca (Gini 0.674" in miss and "divergence (Gini nan" in miss
+    assert "surprisal" not in miss
+    # a boundary output credit (0.6) meets ">= 0.6"; 0.59 does not
+    assert "HOLDS" in analysis.regime_split_verdict(
+        analysis.regime_split(pts(paper_like | dict(surprisal=0.6)))
+    )
+    assert "surprisal" in analysis.regime_split_verdict(
+        analysis.regime_split(pts(paper_like | dict(surprisal=0.59)))
+    )
+    # without ARCA or an output credit there is nothing to judge
+    assert analysis.regime_split(pts(dict(uniform=0.0, arca=0.4))).empty
+
+
 def test_table3_reference_and_save_figure(tmp_path):
     assert analysis.table3_reference("arca") == [(4, 0.353, 0.467), (16, 0.388, 0.460), (64, 0.490, 0.334)]
     assert analysis.table3_reference("surprisal") == [(64, 0.941, 0.052)]

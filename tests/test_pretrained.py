@@ -143,3 +143,41 @@ def test_chat_arith_prompt_is_the_models_chat_template_and_roles_follow_the_text
     assert chars[-1] == "<|im_end|>" and roles == expected
     with pytest.raises(ValueError, match="chat template"):
         ChatArithTask(tokenizer=type("T", (), {"chat_template": None})())
+
+
+@pytest.mark.slow
+def test_smollm2_end_to_end_from_the_cli(tmp_path):
+    """The issue's "done": `arca-lab train --model smollm2-135m --steps 2` on the real packaged model (about 8 min on
+    2 cores): the adapter moves, `verify-bound` passes on it, and a head-only run's a-priori row holds."""
+    pytest.importorskip("gguf")
+    try:
+        pretrained.named_model_dir("smollm2-135m")  # converts once (or finds the cached copy)
+    except ImportError as e:
+        pytest.skip(f"the smollm extra is not installed: {e}")
+    common = [
+        "--model", "smollm2-135m", "--steps", "2", "--prompts-per-step", "4", "--num-generations", "6",
+        "--eval-prompts", "8", "--pass-k", "0", "--temperature", "0.7", "--seed", "0",
+    ]  # fmt: skip
+    cli = [sys.executable, "-m", "arca_lab.cli"]
+    import subprocess
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=1800)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done
+
+    run("train", *common, "--lr", "3e-4", "--out", str(tmp_path / "all"))
+    ds = load_run(tmp_path / "all")
+    assert ds["task"].item() == "chat_arith"
+    # the reward varies within a group in at least one step, so the adapter moves
+    assert float(ds["frac_reward_zero_std"].min()) < 1.0 and float(ds["grad_norm"].max()) > 0.0
+    assert float(ds["kl_policy_ref_mean"].values[-1]) > 0.0  # the policy before step 2 differs from the base
+    info = json.loads(ds.attrs["base_model_json"])["converted_from"]
+    assert info["packaged_model"]["quantization"] == "Q4_1" and len(info["gguf_sha256"]) == 64
+    out = run("verify-bound", str(tmp_path / "all"), "--prompts", "4").stdout
+    assert "0 violated: all hold" in out, out[-3000:]
+
+    run("train", *common, "--target-modules", "lm_head", "--lr", "1e-3", "--out", str(tmp_path / "head"))
+    out = run("verify-bound", str(tmp_path / "head"), "--prompts", "4").stdout
+    apriori = [line for line in out.splitlines() if "apriori" in line.lower() or "a-priori" in line.lower()]
+    assert apriori and "0 violated: all hold" in out, out[-3000:]

@@ -235,3 +235,39 @@ def test_a_run_read_back_in_its_process_is_the_file(tiny_model_dir, tmp_path):
     (out / "run.nc").write_bytes(b"truncated")  # a changed file is read again, never served from memory
     with pytest.raises(OSError):
         load_run(out)
+
+
+def test_eval_at_scores_the_adapter_of_that_step_and_changes_nothing_else(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """eval_at "2" over 4 steps: greedy_correct_at[2] equals the step-2 checkpoint scored afresh, and every other
+    run.nc variable equals the same run without eval_at (the callback does not disturb training)."""
+    import numpy as np
+
+    from arca_lab.evaluate import evaluate
+    from arca_lab.models import load_policy
+    from arca_lab.run import EVAL_SEED, load_task
+    from arca_lab.tasks import ArithTask
+
+    # the tiny random model never solves the task: score the parity of the completion's characters instead
+    monkeypatch.setattr(ArithTask, "reward", lambda self, c, a: float(sum(map(ord, c)) % 2))
+    common = dict(
+        model=str(tiny_model_dir), save_every=2, lr=5e-2, threads=1, **{**TINY, "steps": 4, "eval_prompts": 8}
+    )
+    with_at = load_run(train(make_config(out=str(tmp_path / "at"), eval_at="2", **common), progress=False))
+    plain = load_run(train(make_config(out=str(tmp_path / "plain"), **common), progress=False))
+    assert list(with_at["eval_step"].values) == [2]
+    cfg = make_config(out=str(tmp_path / "x"), **common)
+    model, tok = load_policy(cfg)
+    policy = PeftModel.from_pretrained(model, tmp_path / "at" / "checkpoints" / "step-00002")
+    task = load_task(cfg)
+    rows = task.eval_rows(cfg.eval_prompts, seed=EVAL_SEED)
+    fresh = evaluate(policy, tok, task, rows, k=0, max_new_tokens=cfg.max_completion_length).greedy_correct
+    np.testing.assert_array_equal(with_at["greedy_correct_at"].sel(eval_step=2).values, fresh)
+    assert 0 < fresh.mean() < 1, "the check needs prompts scored both ways"
+    assert float(with_at["greedy_accuracy_at"].sel(eval_step=2)) == fresh.mean()
+    for name in plain.data_vars:
+        if name != "step_time":
+            np.testing.assert_array_equal(with_at[name].values, plain[name].values, err_msg=name)
+    with pytest.raises(ValueError, match=r"eval_at='4' is not valid: steps must lie in \[1, steps - 1 = 3\]"):
+        make_config(eval_at="4", **common)

@@ -186,6 +186,31 @@ def round_costs(monkeypatch):
 BASE = dict(steps=10, prompts_per_step=16, num_generations=8, eval_prompts=50, pass_k=4, threads=1)
 
 
+def test_named_model_cost_by_hand(round_costs, monkeypatch):
+    """A named model's runs (MODEL_COST) worked out by hand with round constants."""
+    monkeypatch.setitem(
+        sweep_cost.MODEL_COST,
+        "smollm2-135m",
+        dict(threads=2, setup=30.0, per_step=12.0, per_completion=1.5, per_eval_sequence=1.0, verify=10.0),
+    )
+    monkeypatch.setitem(sweep_cost.MODEL_CREDIT_FACTOR, "smollm2-135m", {"arca": 1.25})
+    small = dict(steps=10, prompts_per_step=4, num_generations=6, eval_prompts=20, pass_k=0)
+    u = make_config("smollm-cpu", **small, threads=2)
+    a = make_config("smollm-cpu", **small, credit="arca", threads=2)
+    # u: 12 s + 24 completions x 1.5 s = 48 s a step, x 10 = 480; one eval (after) of 20 prompts x 1 s = 20:
+    #    notebook 10 + setup 30 + 20 + 480 = 540 s
+    assert estimate_run_seconds(u) == pytest.approx(540.0)
+    # a: step 48 x 1.25 = 60 s, x 10 = 600: 10 + 30 + 20 + 600 = 660 s; at 1 thread every compute part doubles
+    assert estimate_run_seconds(a) == pytest.approx(660.0)
+    assert estimate_run_seconds(make_config("smollm-cpu", **small, threads=1)) == pytest.approx(
+        10 + 30 + 2 * 500
+    )
+    # the sweep [u, a] on one warm worker: the base model's eval once (20 s), verify-bound 10 s per run (2 runs),
+    # startup 3 + kernel 5 + 540 + 660 + combine 4 + analysis 20 + 2 x (0.5 + 1): 20 + 20 + 1235 = 1275 s
+    assert estimate_seconds([u, a], workers=1) == pytest.approx(1275.0)
+    assert estimate_run_seconds(make_config(model="some/hub-model")) is None
+
+
 def test_cost_model_by_hand(round_costs):
     """Seconds of a 3-run grid, worked out by hand with the round constants of ROUND_COST."""
     a = make_config(**BASE)  # credit uniform, all-linear, beta 0

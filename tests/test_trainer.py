@@ -297,3 +297,25 @@ def test_probe_only_base_pass_covers_one_completion_per_prompt(tiny_model_dir, t
     torch.testing.assert_close(
         probe["kl_policy_ref"][expected][mask].double(), kl_pq[mask], atol=1e-6, rtol=1e-5
     )
+
+
+def test_credit_and_probe_logits_are_chunked_over_rows(tiny_model_dir, tmp_path, monkeypatch):
+    """With a budget of one row's logits, every head projection holds one row, and every logged number equals
+    the one-chunk computation: the full-vocabulary pass never holds a batch's logits at once."""
+    trainer, rows = make_trainer(tiny_model_dir, tmp_path, credit="divergence", perturb_b=0.05)
+    inputs = one_batch(trainer, rows)
+    trainer.compute_loss(trainer.model, inputs)
+    whole = dict(trainer.last_batch)
+    T = inputs["completion_ids"].size(1)
+    V = trainer._base_head.weight.size(0)
+    monkeypatch.setattr(trainer_module, "LOGITS_CHUNK_ELEMENTS", T * V)  # one row per chunk
+    seen: list[int] = []
+    projection = trainer._policy_logits
+    monkeypatch.setattr(trainer, "_policy_logits", lambda h: seen.append(h.size(0)) or projection(h))
+    trainer.compute_loss(trainer.model, inputs)
+    B = inputs["completion_ids"].size(0)
+    assert (
+        seen and max(seen) == 1 and sum(seen) == B
+    )  # B projections of one row (the first-batch check is done)
+    for k, v in whole.items():
+        torch.testing.assert_close(trainer.last_batch[k], v, equal_nan=True, msg=k)

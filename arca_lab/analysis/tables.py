@@ -472,6 +472,75 @@ def credit_regimes(cube: xr.Dataset, tol: float = 0.1) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+REGIME_SPLIT = {"output_gini_min": 0.6, "arca_gini": (0.2, 0.6)}
+"""The ARCA paper's regime split, as decided before the embedded runs (issue 4): every output-distribution credit
+(surprisal, entropy reduction, divergence) at Gini >= 0.6, and ARCA's Gini in [0.2, 0.6], at sharpening 2."""
+OUTPUT_DISTRIBUTION_CREDITS = ("surprisal", "entropy_reduction", "divergence")
+
+
+def regime_split(points: pd.DataFrame) -> pd.DataFrame:
+    """Does the ARCA paper's regime split (`REGIME_SPLIT`) hold? One row per credit and (arm, alpha_rule, rank)
+    group that has ARCA and all three output-distribution credits: last-steps mean Gini, ETR and format mass,
+    averaged over seeds (`seeds` = how many), the criterion the credit must meet and whether it does (`meets`).
+
+    A group "holds" when every row of it meets its criterion; a NaN Gini fails. Uniform rows, if present, are
+    listed for reference with an empty criterion.
+    """
+    need = {"arca", *OUTPUT_DISTRIBUTION_CREDITS}
+    keys = ["arm", "alpha_rule", "rank"]
+    if points.empty or not need <= set(points["credit"]):
+        return pd.DataFrame()
+    lo, hi = REGIME_SPLIT["arca_gini"]
+    out = []
+    for key, group in points.groupby(keys):
+        if not need <= set(group["credit"]):
+            continue
+        for credit, runs in group.groupby("credit"):
+            gini = float(runs["gini"].mean())
+            if credit == "arca":
+                criterion, meets = f"in [{lo}, {hi}]", lo <= gini <= hi
+            elif credit in OUTPUT_DISTRIBUTION_CREDITS:
+                criterion, meets = (
+                    f">= {REGIME_SPLIT['output_gini_min']}",
+                    gini >= REGIME_SPLIT["output_gini_min"],
+                )
+            else:
+                criterion, meets = "", None
+            ref = ARCA_TABLE3.get((credit, 64 if credit != "arca" else int(key[2])), (math.nan, math.nan))
+            out.append(
+                dict(zip(keys, key, strict=True))
+                | dict(
+                    credit=credit,
+                    seeds=len(runs),
+                    gini=gini,
+                    etr=float(runs["etr"].mean()),
+                    format_mass=float(runs["format_mass"].mean()),
+                    criterion=criterion,
+                    meets=meets,
+                    paper_gini=ref[0],
+                    paper_etr=ref[1],
+                )
+            )
+    return pd.DataFrame(out)
+
+
+def regime_split_verdict(split: pd.DataFrame) -> str:
+    """One line per (arm, alpha_rule, rank) group of `regime_split`: holds / does not hold, and which credits miss."""
+    if split.empty:
+        return "regime split: no group with ARCA and all three output-distribution credits"
+    lines = []
+    for key, group in split.groupby(["arm", "alpha_rule", "rank"]):
+        judged = group[group["criterion"] != ""]
+        misses = [
+            f"{r.credit} (Gini {r.gini:.3f}, needs {r.criterion})" for r in judged.itertuples() if not r.meets
+        ]
+        seeds = int(judged["seeds"].min())
+        head = f"regime split, arm {key[0]}, alpha {key[1]}, rank {key[2]} ({seeds} seed{'s' * (seeds != 1)}"
+        head += ": anecdotal)" if seeds < 3 else ")"
+        lines.append(f"{head}: " + ("HOLDS" if not misses else "DOES NOT HOLD: " + "; ".join(misses)))
+    return "\n".join(lines)
+
+
 def table3_reference(credit: str) -> list[tuple[int, float, float]]:
     """(rank, Gini, ETR) reference markers of ARCA paper Table 3 for one credit (empty if it has none)."""
     return sorted((r, g, e) for (c, r), (g, e) in ARCA_TABLE3.items() if c == credit)

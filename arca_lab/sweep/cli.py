@@ -20,11 +20,12 @@ from arca_lab.sweep.cube import (
 from arca_lab.sweep.grid import (
     AXES,
     COST,
-    SWEEP_PRESETS,
     Grid,
+    get_preset,
     make_grid,
     parse_assignments,
     parse_field_value,
+    preset_names,
 )
 from arca_lab.sweep.runner import SweepLocked, SweepOutcome, combine_sweep, run_sweep, sweep_lock
 
@@ -58,8 +59,16 @@ def _submitit_value(text: str) -> Any:
     return text
 
 
+def _describe(name: str) -> str:
+    """A preset's one-line description; a pre-registered study that cannot run yet says why."""
+    try:
+        return get_preset(name).description
+    except ValueError as e:
+        return f"(not runnable yet) {e}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    presets = "\n".join(f"  {k:<11}{p.description}" for k, p in SWEEP_PRESETS.items())
+    presets = "\n".join(f"  {k:<11}{_describe(k)}" for k in preset_names())
     p = _Parser(
         prog="arca-lab sweep",
         description="Run the GRPO run notebook once per grid point (papermill), combine the runs into sweep.nc "
@@ -69,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", required=True, type=Path, help="sweep directory (created; resumed if it exists)")
-    p.add_argument("--preset", default="default", choices=sorted(SWEEP_PRESETS), help="grid to start from")
+    p.add_argument("--preset", default="default", choices=preset_names(), help="grid to start from")
     for axis, flag, example in (
         ("rank", "--ranks", "1,4,16"),
         ("credit", "--credits", "uniform,arca"),

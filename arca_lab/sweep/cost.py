@@ -60,6 +60,28 @@ FIRST_STEP_SPREAD = (0.45, 1.5)
 an estimate from a first step lie in 0.45-1.5 x the first."""
 
 
+MODEL_COST: dict[str, dict[str, float]] = {
+    # SmolLM2-135M-Instruct on chat_arith, smollm-cpu shapes (96 new tokens), 2 threads, 30 Nov 2026: median step
+    # 62.4 s with 32 completions (benchmarks/bench_smollm.py; 62.9 s in a 16-step run) and 54.7 s with 24 (a 12-step
+    # run of the sweep preset): step = per_step + per_completion x completions, with most of a step in sequential
+    # decoding. Eval: 0.8 s per greedy held-out prompt; set-up (load of the converted model, trainer, saving) 30 s
+    # (a run took 764 s: 682 s of steps + 82 s). Other thread counts scale as compute-bound (x 2/threads): an
+    # assumption, not measured.
+    "smollm2-135m": dict(
+        threads=2,
+        setup=30.0,
+        per_step=30.6,
+        per_completion=0.99,
+        per_eval_sequence=0.8,
+        verify=30.0,  # verify-bound per run in the analysis notebook: a model load and 8 held-out prompts
+    ),
+}
+"""Cost constants of named pretrained models (seconds, at `threads` threads)."""
+MODEL_CREDIT_FACTOR = {"smollm2-135m": {"arca": 1.23, "divergence": 1.23}}
+"""Step-time multiplier per credit for a named model: 76.7 s / 62.4 s measured for ARCA (its no-grad base forward
+over all rows); divergence needs the same forward (assumed equal, not measured); other credits ~1."""
+
+
 def thread_speedup(threads: int) -> float:
     """Step speed-up of `threads` torch threads over one (tiny matrices: far from linear)."""
     return max(1, threads) ** 0.6
@@ -76,10 +98,36 @@ def step_factor(cfg: RunConfig) -> float:
     )
 
 
-def estimate_run_seconds(cfg: RunConfig) -> float | None:
-    """Seconds one embedded run takes in a warm kernel; None for other models (no calibration)."""
-    if cfg.model != "embedded":
+def model_run_seconds(cfg: RunConfig) -> float | None:
+    """Seconds one run of a named model in `MODEL_COST` takes in a warm kernel; None for other models."""
+    c = MODEL_COST.get(cfg.model)
+    if c is None:
         return None
+    scale = c["threads"] / (cfg.threads or c["threads"])  # compute-bound assumption (MODEL_COST)
+    evals = (1 + 2 * (cfg.rollout_engine != "same")) * cfg.eval_prompts * (1 + cfg.pass_k)
+    factor = MODEL_CREDIT_FACTOR.get(cfg.model, {}).get(cfg.credit, 1.0) * (
+        BETA_FACTOR if cfg.beta > 0 else 1.0
+    )
+    step = (c["per_step"] + c["per_completion"] * cfg.batch_completions) * factor
+    return COST["notebook"] + c["setup"] + scale * (evals * c["per_eval_sequence"] + cfg.steps * step)
+
+
+def first_run_extra(cfg: RunConfig) -> float:
+    """Seconds a worker's first run adds for a named model: the base model's eval, once per warm kernel
+    (`arca_lab.run._BEFORE`), and verify-bound of each run in the analysis (counted here per worker: see
+    `estimate_seconds`). 0 for the embedded model (inside its calibrated constants)."""
+    c = MODEL_COST.get(cfg.model)
+    if c is None:
+        return 0.0
+    scale = c["threads"] / (cfg.threads or c["threads"])
+    return scale * cfg.eval_prompts * (1 + cfg.pass_k) * c["per_eval_sequence"]
+
+
+def estimate_run_seconds(cfg: RunConfig) -> float | None:
+    """Seconds one run takes in a warm kernel: the embedded cost model, or `MODEL_COST` for a named model; None
+    for other models (no calibration)."""
+    if cfg.model != "embedded":
+        return model_run_seconds(cfg)
     evals = 1 + 2 * (cfg.rollout_engine != "same")
     evals *= COST["per_eval_sequence"] * cfg.eval_prompts * (1 + cfg.pass_k)
     return COST["notebook"] + COST["setup"] + evals + cfg.steps * COST["per_completion"] * step_factor(cfg)
@@ -119,7 +167,15 @@ def estimate_seconds(
     runs = [estimate_run_seconds(c) for c in configs]
     if any(r is None for r in runs):
         return None
-    return sweep_seconds(runs, workers, build_cached, total_runs, warm)  # type: ignore[arg-type]
+    # named models: each worker evaluates the base model once, and the analysis verifies every run
+    extra = (
+        min(len(configs), max(1, workers)) * first_run_extra(configs[0])
+        + (total_runs if total_runs is not None else len(configs))
+        * MODEL_COST.get(configs[0].model, {}).get("verify", 0.0)
+        if configs
+        else 0.0
+    )
+    return extra + sweep_seconds(runs, workers, build_cached, total_runs, warm)  # type: ignore[arg-type]
 
 
 def load_slowdown(workers: int, threads: int, cpus: int, load: float) -> float:

@@ -104,6 +104,9 @@ def combine_runs(
     where = [tuple(coords[a].index(p[a]) for a in axes) for p, _ in runs]
     inner = {  # per-run dims: union of step values and layer names; ranges for the rest
         "step": sorted({int(s) for _, ds in runs for s in ds["step"].values}),
+        "eval_step": sorted(
+            {int(s) for _, ds in runs if "eval_step" in ds.coords for s in ds["eval_step"].values}
+        ),
         "layer": list(
             dict.fromkeys(str(n) for _, ds in runs if "layer" in ds.coords for n in ds["layer"].values)
         ),
@@ -115,9 +118,9 @@ def combine_runs(
     coords.update({k: v for k, v in inner.items() if v})
 
     def positions(ds: xr.Dataset, dim: str) -> np.ndarray:
-        if dim in ("step", "layer"):
+        if dim in ("step", "eval_step", "layer"):
             lookup = {v: i for i, v in enumerate(inner[dim])}
-            conv = int if dim == "step" else str
+            conv = str if dim == "layer" else int
             return np.array([lookup[conv(v)] for v in ds[dim].values], dtype=int)
         return np.arange(ds.sizes[dim])
 

@@ -331,13 +331,13 @@ def _stderr_to(path: Path):
 def analysis_notebook(sweep_dir: Path) -> Path:
     """The analysis notebook of the sweep's preset (`SweepPreset.analysis`, recorded preset in sweep.json);
     `ANALYSIS_NOTEBOOK` for a sweep without a known preset."""
-    from arca_lab.sweep.grid import SWEEP_PRESETS
+    from arca_lab.sweep.grid import get_preset, preset_names
 
     try:
         preset = json.loads((sweep_dir / "sweep.json").read_text()).get("preset", "")
     except (OSError, ValueError):
         preset = ""
-    own = SWEEP_PRESETS[preset].analysis if preset in SWEEP_PRESETS else ""
+    own = get_preset(preset).analysis if preset in preset_names() else ""
     return NOTEBOOK_DIR / own if own else ANALYSIS_NOTEBOOK
 
 

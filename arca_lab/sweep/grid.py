@@ -296,10 +296,10 @@ SWEEP_PRESETS: dict[str, SweepPreset] = {
         config_preset="arca-paper",
     ),
     "merl": SweepPreset(
-        "GPU: MERL-style KL vs rank, alpha = r, beta in {0, 0.05} (Qwen3-1.7B-Base, MATH)",
+        "GPU: MERL's published sweep (Qwen2.5-1.5B-Instruct, GSM8K), ranks 1-64 at alpha = r, beta in {0, 0.05}",
         (
             dict(
-                rank=(1, 4, 16, 64, 128),
+                rank=(1, 2, 4, 8, 16, 32, 64),
                 credit=("uniform",),
                 seed=(0,),
                 arm=("all",),
@@ -405,6 +405,25 @@ SWEEP_PRESETS["discrepancy"] = SweepPreset(
 )
 
 
+def preset_names() -> list[str]:
+    """Every sweep preset: `SWEEP_PRESETS` and the pre-registered studies (`arca_lab.sweep.studies`)."""
+    from arca_lab.sweep.studies import LAZY_PRESETS
+
+    return sorted({*SWEEP_PRESETS, *LAZY_PRESETS})
+
+
+def get_preset(name: str) -> SweepPreset:
+    """The sweep preset `name`; a pre-registered study's is built from its committed JSON (and may refuse: the
+    credit study before its T is committed)."""
+    from arca_lab.sweep.studies import LAZY_PRESETS
+
+    if name in SWEEP_PRESETS:
+        return SWEEP_PRESETS[name]
+    if name in LAZY_PRESETS:
+        return LAZY_PRESETS[name]()
+    raise ValueError(f"unknown sweep preset {name!r}; choose one of {preset_names()}")
+
+
 def make_grid(
     preset: str = "default",
     axes: Mapping[str, Sequence] | None = None,
@@ -412,9 +431,7 @@ def make_grid(
 ) -> Grid:
     """A validated Grid: a sweep preset, with axes given on the command line replacing every sub-grid's values
     (e.g. `--ranks 2,8` sweeps ranks 2 and 8 in each sub-grid) and `--set` values overriding shared ones."""
-    if preset not in SWEEP_PRESETS:
-        raise ValueError(f"unknown sweep preset {preset!r}; choose one of {sorted(SWEEP_PRESETS)}")
-    p = SWEEP_PRESETS[preset]
+    p = get_preset(preset)
     axes = dict(axes or {})
     extra = tuple(dict.fromkeys((*p.extra_axes, *(a for a in axes if a not in AXES))))
     known = {f.name for f in fields(RunConfig)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from arca_lab.tasks.arith import ArithTask
 from arca_lab.tasks.base import ANSWER, FORMAT, ROLES, WORK, Task
 
-TASK_NAMES: tuple[str, ...] = ("arith", "math", "chat_arith")
+TASK_NAMES: tuple[str, ...] = ("arith", "math", "chat_arith", "gsm8k")
 """Names `get_task` accepts."""
 
 
@@ -14,7 +14,8 @@ def get_task(name: str, **kwargs) -> Task:
 
     ``"arith"`` → `ArithTask(**kwargs)` (the embedded model's task); ``"math"`` →
     `arca_lab.tasks.math.MathTask(**kwargs)`, imported only when asked for (it needs the ``math`` extra);
-    ``"chat_arith"`` → `arca_lab.tasks.chat_arith.ChatArithTask(**kwargs)` (pass the model's `tokenizer`).
+    ``"chat_arith"`` → `arca_lab.tasks.chat_arith.ChatArithTask(**kwargs)` (pass the model's `tokenizer`);
+    ``"gsm8k"`` → `arca_lab.tasks.gsm8k.GSM8KTask(**kwargs)` (a `source` and the model's `tokenizer`).
     """
     if name == "arith":
         return ArithTask(**kwargs)
@@ -26,6 +27,10 @@ def get_task(name: str, **kwargs) -> Task:
         from arca_lab.tasks.chat_arith import ChatArithTask
 
         return ChatArithTask(**kwargs)
+    if name == "gsm8k":
+        from arca_lab.tasks.gsm8k import GSM8KTask
+
+        return GSM8KTask(**kwargs)
     raise ValueError(f"unknown task {name!r}; accepted names: {', '.join(TASK_NAMES)}")
 
 
