@@ -226,6 +226,8 @@ def test_cost_model_by_hand(round_costs):
     assert estimate_run_seconds(c) == pytest.approx(37.85)
     # a with a rollout engine: two more evals (the engine's before and after): 10 + 2 + 0.75 + 12.8 = 25.55 s
     assert estimate_run_seconds(make_config(**BASE, rollout_engine="fp32")) == pytest.approx(25.55)
+    # a with eval_at "3,6": two more greedy evals of 50 prompts x 0.001 s: 25.05 + 0.1 = 25.15 s
+    assert estimate_run_seconds(make_config(**BASE, eval_at="3,6")) == pytest.approx(25.15)
     # [a, a, b] over 2 warm workers in order: a -> worker 1 (kernel 5 + 25.05 = 30.05), a -> worker 2 (30.05),
     # b -> the first free one, worker 1, whose kernel is warm (30.05 + 21.85 = 51.9): makespan 51.9 s. Plus build
     # 100, startup 3, combine 4, analysis 20 and, for each of the 3 runs, combine 0.5 + verify-bound 1:

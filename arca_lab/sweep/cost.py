@@ -4,7 +4,8 @@ Cost model (`estimate_seconds`), for the embedded default on CPU; constants meas
 machine (`COST`, `benchmarks/bench_sweep.py`), in seconds:
     run      = notebook + set-up + evals * eval + steps * step
     evals    = 1 (after; a warm kernel evaluates the base model once, `arca_lab.run._BEFORE`), + 2 with a rollout
-               engine (its accuracy before and after)
+               engine (its accuracy before and after), each greedy + pass_k samples; + one greedy eval per
+               `eval_at` step
     step     = per_completion * prompts_per_step * num_generations * credit, arm, beta factors / speed-up(threads)
     eval     = per_eval_sequence * eval_prompts * (1 + pass_k)          (greedy + pass_k samples, before and after)
     worker   = kernel (once: a local worker keeps its kernel warm) + its runs; with Slurm every run pays a kernel
@@ -104,7 +105,9 @@ def model_run_seconds(cfg: RunConfig) -> float | None:
     if c is None:
         return None
     scale = c["threads"] / (cfg.threads or c["threads"])  # compute-bound assumption (MODEL_COST)
-    evals = (1 + 2 * (cfg.rollout_engine != "same")) * cfg.eval_prompts * (1 + cfg.pass_k)
+    evals = (
+        (1 + 2 * (cfg.rollout_engine != "same")) * (1 + cfg.pass_k) + len(cfg.eval_steps())
+    ) * cfg.eval_prompts
     factor = MODEL_CREDIT_FACTOR.get(cfg.model, {}).get(cfg.credit, 1.0) * (
         BETA_FACTOR if cfg.beta > 0 else 1.0
     )
@@ -128,8 +131,10 @@ def estimate_run_seconds(cfg: RunConfig) -> float | None:
     for other models (no calibration)."""
     if cfg.model != "embedded":
         return model_run_seconds(cfg)
-    evals = 1 + 2 * (cfg.rollout_engine != "same")
-    evals *= COST["per_eval_sequence"] * cfg.eval_prompts * (1 + cfg.pass_k)
+    evals = (1 + 2 * (cfg.rollout_engine != "same")) * (1 + cfg.pass_k) + len(
+        cfg.eval_steps()
+    )  # eval_at: greedy
+    evals *= COST["per_eval_sequence"] * cfg.eval_prompts
     return COST["notebook"] + COST["setup"] + evals + cfg.steps * COST["per_completion"] * step_factor(cfg)
 
 
