@@ -14,6 +14,8 @@ Leading-order E[max-context KL] up to r-independent factors (§3):
     "adam"/"adamw"        s² · r(d + c_A(r − 1)), c_A ∈ [2/π, 1]   (each B coordinate moves ≈ η per step)
 γ = lim_{d→∞} d log E / d log r, i.e. the exponent for r ≪ d; the "mean-field" linearisation M → E[M]
 gives one more power of r (§4) and is wrong whenever r < d.
+The curve KL(r; η, T, ...) itself, with its three regimes, is `predict_kl` (theory/kl_law.py, §10, re-exported
+here); predict_gamma's γ is the small-step limit of its local slope `local_gamma` (tested).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import sympy as sp
 
 from theory.apriori import ALPHA, D_IN, RANK, SCALE_EXPRS
+from theory.kl_law import local_gamma, predict_kl  # noqa: F401  (re-export: KL(r) itself, §10)
 from theory.schema import OPTIMIZER_ALIASES, OPTIMIZERS, SCALINGS
 from theory.stats import LEVEL, MIN_SEEDS, SeedInterval, gamma_interval
 
