@@ -23,13 +23,12 @@ for more rows than a split holds raises.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from pathlib import Path
 from typing import Any
 
 from arca_lab.tasks.chat_arith import canonical_number, free_text_reward, free_text_roles
+from arca_lab.tasks.math import hash_unit, read_jsonl
 
 DEFAULT_SOURCE = "openai/gsm8k"
 SYSTEM_PROMPT = """
@@ -59,34 +58,17 @@ def reference_answer(solution: str) -> str | None:
     return canonical_number(solution.rsplit("####", 1)[1].strip())
 
 
-def _norm(question: str) -> str:
-    return " ".join(question.split())
-
-
 def _is_eval_question(question: str, eval_fraction: float) -> bool:
-    """Hash split: the first 8 bytes of sha256(salt + normalised question) as a uniform number in [0, 1)."""
-    digest = hashlib.sha256(_SPLIT_SALT + _norm(question).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
+    """Hash split on the whitespace-normalised question (`arca_lab.tasks.math.hash_unit`, this task's salt)."""
+    return hash_unit(question, _SPLIT_SALT) < eval_fraction
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
-            if not isinstance(row, dict) or not isinstance(row.get("question"), str):
-                raise ValueError(f"{path}:{lineno}: each line must be an object with a string 'question'")
-            if not isinstance(row.get("answer"), str) or reference_answer(row["answer"]) is None:
-                raise ValueError(
-                    f"{path}:{lineno}: 'answer' must be a string ending in '#### <number>' (the GSM8K format)"
-                )
-            rows.append(row)
-    return rows
+def _check_row(row: dict[str, Any]) -> str | None:
+    if not isinstance(row.get("question"), str):
+        return "each line must be an object with a string 'question'"
+    if not isinstance(row.get("answer"), str) or reference_answer(row["answer"]) is None:
+        return "'answer' must be a string ending in '#### <number>' (the GSM8K format)"
+    return None
 
 
 def _load_hub(source: str, config: str, split: str) -> list[dict[str, Any]]:
@@ -170,14 +152,15 @@ class GSM8KTask:
 
     def _build_pools(self) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
         if self.is_local:
-            raw = _read_jsonl(Path(self.source))
+            raw = read_jsonl(Path(self.source), _check_row)
             raw_eval = [r for r in raw if _is_eval_question(r["question"], self.eval_fraction)]
             raw_train = [r for r in raw if not _is_eval_question(r["question"], self.eval_fraction)]
         else:
             raw_train = _load_hub(self.source, self.config, self.split_train)
             raw_eval = _load_hub(self.source, self.config, self.split_eval)
-            held = {_norm(r["question"]) for r in raw_eval}  # never train on a question that is also in eval
-            raw_train = [r for r in raw_train if _norm(r["question"]) not in held]
+            # never train on a question that is also in eval
+            held = {" ".join(r["question"].split()) for r in raw_eval}
+            raw_train = [r for r in raw_train if " ".join(r["question"].split()) not in held]
         train = [row for r in raw_train if (row := self._to_row(r)) is not None]
         evals = [row for r in raw_eval if (row := self._to_row(r)) is not None]
         if not train or not evals:

@@ -40,6 +40,7 @@ import re
 import threading
 import unicodedata
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -141,13 +142,21 @@ def _norm_problem(problem: str) -> str:
     return " ".join(problem.split())
 
 
+def hash_unit(text: str, salt: bytes) -> float:
+    """The first 8 bytes of sha256(salt + whitespace-normalised text) as a uniform number in [0, 1): a split that
+    depends on the text only (not on file order, seed or machine). Shared with the gsm8k task."""
+    digest = hashlib.sha256(salt + _norm_problem(text).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def _is_eval_problem(problem: str, eval_fraction: float) -> bool:
-    """Deterministic hash split: the first 8 bytes of sha256(salt + problem) as a uniform number in [0, 1)."""
-    digest = hashlib.sha256(_SPLIT_SALT + _norm_problem(problem).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
+    """Deterministic hash split (`hash_unit` with this task's salt)."""
+    return hash_unit(problem, _SPLIT_SALT) < eval_fraction
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, check: Callable[[dict[str, Any]], str | None]) -> list[dict[str, Any]]:
+    """The objects of a JSONL file (blank lines skipped); `check(row)` returns what is wrong with a row (the error
+    names the file, the line and that text) or None. Shared with the gsm8k task."""
     rows = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -157,14 +166,23 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
-            if not isinstance(row, dict) or not isinstance(row.get("problem"), str):
-                raise ValueError(f"{path}:{lineno}: each line must be an object with a string 'problem'")
-            if "answer" not in row and not isinstance(row.get("solution"), str):
-                raise ValueError(
-                    f"{path}:{lineno}: a row needs 'solution' (ending in \\boxed{{}}) or 'answer'"
-                )
+            problem = "each line must be a JSON object" if not isinstance(row, dict) else check(row)
+            if problem:
+                raise ValueError(f"{path}:{lineno}: {problem}")
             rows.append(row)
     return rows
+
+
+def _check_math_row(row: dict[str, Any]) -> str | None:
+    if not isinstance(row.get("problem"), str):
+        return "each line must be an object with a string 'problem'"
+    if "answer" not in row and not isinstance(row.get("solution"), str):
+        return "a row needs 'solution' (ending in \\boxed{}) or 'answer'"
+    return None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return read_jsonl(path, _check_math_row)
 
 
 def _load_hub(source: str, subset: str | None, split: str) -> list[dict[str, Any]]:
