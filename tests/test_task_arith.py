@@ -156,6 +156,6 @@ def test_registry():
     assert isinstance(get_task("arith"), ArithTask)
     assert isinstance(get_task("arith"), Task)
     assert get_task("arith", n_terms=2).n_terms == 2
-    with pytest.raises(ValueError, match="arith, math"):
-        get_task("gsm8k")
-    assert TASK_NAMES == ("arith", "math", "chat_arith")
+    with pytest.raises(ValueError, match="arith, math, chat_arith, gsm8k"):
+        get_task("aime")
+    assert TASK_NAMES == ("arith", "math", "chat_arith", "gsm8k")
