@@ -70,6 +70,8 @@ Summary (`summary_table`): one row per finished grid point with the axis values 
 
 Public API (re-exported here). Modules, one concern each, imports one way (theory <- lab <- sweep <- CLI):
     grid      axes, sub-grids, presets, matched budgets (re-exports the cost model)
+    studies   presets of pre-registered studies, read from theory/preregistered/<name>.json (credit-pilot,
+              credit-study, credit-study-quick)
     cost      the cost model, calibrated on recorded sweeps, printed as a range
     execute   the run notebook's parameters, the sweep-local kernel, the local and submitit executors
     kernel    warm kernels: one Jupyter kernel per local worker, reset between runs
