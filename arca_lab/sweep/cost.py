@@ -99,15 +99,21 @@ def step_factor(cfg: RunConfig) -> float:
     )
 
 
+def eval_sequences(cfg: RunConfig) -> int:
+    """Held-out completions one run generates after its base-model eval: the eval after training (greedy +
+    pass_k samples per prompt), the engine's before and after with a rollout engine, one greedy pass per `eval_at`
+    step."""
+    evals = (1 + 2 * (cfg.rollout_engine != "same")) * (1 + cfg.pass_k) + len(cfg.eval_steps())
+    return evals * cfg.eval_prompts
+
+
 def model_run_seconds(cfg: RunConfig) -> float | None:
     """Seconds one run of a named model in `MODEL_COST` takes in a warm kernel; None for other models."""
     c = MODEL_COST.get(cfg.model)
     if c is None:
         return None
     scale = c["threads"] / (cfg.threads or c["threads"])  # compute-bound assumption (MODEL_COST)
-    evals = (
-        (1 + 2 * (cfg.rollout_engine != "same")) * (1 + cfg.pass_k) + len(cfg.eval_steps())
-    ) * cfg.eval_prompts
+    evals = eval_sequences(cfg)
     factor = MODEL_CREDIT_FACTOR.get(cfg.model, {}).get(cfg.credit, 1.0) * (
         BETA_FACTOR if cfg.beta > 0 else 1.0
     )
@@ -117,8 +123,8 @@ def model_run_seconds(cfg: RunConfig) -> float | None:
 
 def first_run_extra(cfg: RunConfig) -> float:
     """Seconds a worker's first run adds for a named model: the base model's eval, once per warm kernel
-    (`arca_lab.run._BEFORE`), and verify-bound of each run in the analysis (counted here per worker: see
-    `estimate_seconds`). 0 for the embedded model (inside its calibrated constants)."""
+    (`arca_lab.run._BEFORE`). 0 for the embedded model (inside its calibrated constants). verify-bound of each
+    run in the analysis is added by `estimate_seconds`."""
     c = MODEL_COST.get(cfg.model)
     if c is None:
         return 0.0
@@ -131,10 +137,7 @@ def estimate_run_seconds(cfg: RunConfig) -> float | None:
     for other models (no calibration)."""
     if cfg.model != "embedded":
         return model_run_seconds(cfg)
-    evals = (1 + 2 * (cfg.rollout_engine != "same")) * (1 + cfg.pass_k) + len(
-        cfg.eval_steps()
-    )  # eval_at: greedy
-    evals *= COST["per_eval_sequence"] * cfg.eval_prompts
+    evals = COST["per_eval_sequence"] * eval_sequences(cfg)
     return COST["notebook"] + COST["setup"] + evals + cfg.steps * COST["per_completion"] * step_factor(cfg)
 
 
