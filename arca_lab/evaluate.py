@@ -22,11 +22,13 @@ class EvalResult:
 
     @property
     def greedy_accuracy(self) -> float:
-        return float(self.greedy_correct.mean())
+        """Mean of greedy_correct; NaN when no prompt was scored (eval_prompts = 0)."""
+        return float(self.greedy_correct.mean()) if self.greedy_correct.size else float("nan")
 
     @property
     def pass_at_k(self) -> float:
-        return float(self.pass_correct.mean())
+        """Mean of pass_correct; NaN when no prompt was scored or pass_k = 0."""
+        return float(self.pass_correct.mean()) if self.pass_correct.size else float("nan")
 
 
 @torch.no_grad()

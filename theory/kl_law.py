@@ -21,6 +21,7 @@ else "small_step" (§10.7). In the small-step limit the rank slope is predict_ga
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from functools import lru_cache
 from typing import Any
@@ -203,18 +204,21 @@ def _classify(q: float, q_inc: float, q_aln: float, q_sat: float) -> str:
     return "saturated" if q >= q_sat else "coherent" if q_aln > q_inc else "small_step"  # §10.7
 
 
-def predict_kl(inputs: BoundInputs, *, a0_op: float | None = None, contexts_per_step: int = 32,
+def predict_kl(inputs: BoundInputs | Mapping[str, Any], *, a0_op: float | None = None, contexts_per_step: int = 32,
                ref_logit_std: float = 0.0, constants: dict[str, float] | None = None,
                with_crossovers: bool = True) -> dict[str, Any]:  # fmt: skip
     """Expected per-context KL after `inputs.steps` steps, mean over isotropic contexts ‖x‖ = R (§10).
 
-    Adam/AdamW, or SGD with a global grad-norm clip `grad_clip` assumed active at every step. Inputs: BoundInputs,
+    Adam/AdamW, or SGD with a global grad-norm clip `grad_clip` assumed active at every step. Inputs: BoundInputs
+    (or a mapping of its fields, as theory/preregistered/kl_law_prediction.json stores it),
     a0_op (realised ‖A₀‖₂; default inputs.a0_norm, else peft's init), contexts_per_step N (independent GRPO
     groups per step), ref_logit_std (std over contexts of π_ref's logits W₀x per action, before τ; 0 = uniform π_ref),
     constants (default CONSTANTS). Returns kl_ref_theta, kl_theta_ref, regime, crossovers (lr at which the
     coherent / saturated regime starts at this rank; rank_transitions over r ∈ [1, d] at this lr; {} when
     with_crossovers is False), q, q_sat and the parts of q.
     """
+    if not isinstance(inputs, BoundInputs):  # a mapping of BoundInputs fields (a pre-registered point's JSON)
+        inputs = BoundInputs(**{k: tuple(v) if k == "betas" else v for k, v in dict(inputs).items()})
     c = CONSTANTS if constants is None else constants
     sigma = _sigma(inputs, a0_op)
     s = float(lora_scale(inputs.scaling, inputs.alpha, inputs.rank))
