@@ -6,7 +6,11 @@ committed before the runs, so the preset cannot drift from what was registered.
 - `credit-study`: the paired credit study (6 credits x 10 seeds at 2T steps, accuracy after T/2, T and 2T, plus
   the two ARCA sensitivity arms). It refuses to run until the pilot's T is committed in the JSON.
 - `credit-study-quick`: the same grid at 3 seeds and without the sensitivity arms (a smoke run, no claims).
-Analysis: `notebooks/credit_study_analysis.ipynb` (`arca_lab.analysis.credit_study`).
+- `prediction`: the pre-registered test of theory.kl_law.predict_kl on the head-only arm (ranks x lrs x 10 seeds at
+  T = 12, checkpoints every 3 steps, no accuracy eval) plus the all-linear carry-over runs (3 seeds).
+- `prediction-quick`: the same grid at 2 seeds and without the carry-over runs (a smoke run, no claims).
+Analysis: `notebooks/credit_study_analysis.ipynb` (`arca_lab.analysis.credit_study`) and
+`notebooks/prediction_analysis.ipynb` (`arca_lab.analysis.prediction`, `arca_lab.analysis.prediction_criteria`).
 """
 
 from __future__ import annotations
@@ -125,10 +129,54 @@ def credit_study(quick: bool = False) -> SweepPreset:
     )
 
 
+PREDICTION_ANALYSIS = "prediction_analysis.ipynb"
+
+
+def prediction(quick: bool = False) -> SweepPreset:
+    """The KL-law test's grid, read from theory/preregistered/kl_law_prediction.json."""
+    reg = preregistration("kl_law_prediction")
+    setup = reg["setup"]
+    shared = {k: setup[k] for k in ("task", "steps", "save_every", "prompts_per_step", "num_generations")}
+    shared |= {k: setup[k] for k in ("temperature", "grad_clip", "eval_prompts", "pass_k", "optimizer")}
+    shared |= {"scaling": setup["scaling"], "lr_schedule": setup["lr_schedule"]}
+    seeds = setup["seeds"][:2] if quick else setup["seeds"]
+
+    def sub(arm: str, ranks, lrs, seeds) -> dict[str, tuple]:
+        return dict(
+            rank=tuple(ranks),
+            credit=(setup["credit"],),
+            seed=tuple(seeds),
+            arm=(arm,),
+            alpha_rule=(setup["alpha_rule"],),
+            lr=tuple(lrs),
+        )
+
+    subgrids = [sub("head", setup["ranks"], setup["lrs"], seeds)]
+    carry = reg["secondary"]["carry_over"]
+    if not quick:
+        subgrids.append(sub(carry["arm"], carry["ranks"], carry["lrs"], carry["seeds"]))
+    what = (
+        "2 seeds, no carry-over runs (smoke run, no claims)"
+        if quick
+        else (f"{len(seeds)} seeds + all-linear carry-over ({len(carry['seeds'])} seeds)")
+    )
+    return SweepPreset(
+        "embedded, KL-law prediction test (pre-registered, theory/preregistered/kl_law_prediction.json): head-only "
+        f"ranks {setup['ranks']} x lr {setup['lrs']} x {what}; T = {setup['steps']}, checkpoints every "
+        f"{setup['save_every']} steps, no accuracy eval",
+        tuple(subgrids),
+        shared=shared,
+        extra_axes=("lr",),
+        analysis=PREDICTION_ANALYSIS,
+    )
+
+
 LAZY_PRESETS = {
     "credit-pilot": credit_pilot,
     "credit-study": credit_study,
     "credit-study-quick": lambda: credit_study(quick=True),
+    "prediction": prediction,
+    "prediction-quick": lambda: prediction(quick=True),
 }
 """Presets built when asked for (`grid.get_preset`): they read the pre-registration file, and the study needs its
 committed T."""
