@@ -421,6 +421,24 @@ def test_two_runs_combine_into_a_cube(tiny_model_dir, tmp_path):
         combine_runs([a, a])
 
 
+def test_runs_without_eval_prompts_combine(tiny_model_dir, tmp_path):
+    # The prediction preset skips the accuracy eval: run.nc then has an eval_prompt dimension of length 0, which
+    # the cube must keep (it once dropped the empty coordinate and failed with KeyError 'eval_prompt').
+    cfg = dict(TINY, eval_prompts=0, pass_k=0, save_every=1)
+    runs = [
+        train(
+            make_config(model=str(tiny_model_dir), out=str(tmp_path / f"r{s}"), seed=s, **cfg), progress=False
+        )
+        for s in (0, 1)
+    ]
+    cube = combine_runs(runs)
+    assert cube.sizes["eval_prompt"] == 0 and list(cube["seed"].values) == [0, 1]
+    assert np.isnan(
+        float(load_run(runs[0])["greedy_accuracy_before"])
+    )  # no prompts scored: NaN, not a warning
+    assert (tmp_path / "r0" / "checkpoints" / "step-00001" / "adapter_model.safetensors").is_file()
+
+
 # ------------------------------------------------------------------------------------------- step clock
 def test_step_clock_records_the_steps_in_a_sweep_kernel_only(tiny_model_dir, tmp_path, monkeypatch):
     import transformers.trainer as hf_trainer

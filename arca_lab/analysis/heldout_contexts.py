@@ -125,11 +125,12 @@ def measure_adapter(
 ) -> tuple[float, float]:
     """Exact float64 (KL(π_ref‖π_θ), KL(π_θ‖π_ref)) of the adapter in `adapter_dir`, mean over the context rows.
 
-    Head-only adapters need no model; any other adapter needs `base_model` (it is wrapped, then unwrapped).
+    Head-only adapters need no model (x_θ = x); any other adapter needs `base_model` (wrapped, then unwrapped).
+    Given `base_model`, a head-only adapter also runs the forward (the tests compare the two paths).
     """
     z_ref = ctx.x @ ctx.w0.T / tau  # (N, V)
     dw = head_delta(adapter_dir)
-    if is_head_only(adapter_dir):
+    if is_head_only(adapter_dir) and base_model is None:
         return kl_pair64(z_ref, ctx.x @ (ctx.w0 + dw).T / tau)
     if base_model is None:
         raise ValueError(

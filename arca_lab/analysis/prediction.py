@@ -183,6 +183,27 @@ def registration_path() -> Path:
     return PREREGISTERED / f"{NAME}.json"
 
 
+def registration_mismatches(reg: dict[str, Any], rtol: float = 1e-9) -> list[str]:
+    """Where the registration's committed predictions differ from predict_kl(**inputs) now ([] = none)."""
+    out = []
+    for i, pt in enumerate(reg["points"]):
+        now = predict_kl(**pt["inputs"])
+        for key, committed in pt["predicted"].items():
+            value = now.get(key)
+            same = (
+                math.isclose(value, committed, rel_tol=rtol)
+                if isinstance(committed, float) and isinstance(value, float)
+                else value == committed
+            )
+            if not same:
+                out.append(
+                    f"point {i} (r={pt['rank']}, lr={pt['lr']}): {key} committed {committed!r}, now {value!r}"
+                )
+        if pt["regime"] != now["regime"]:
+            out.append(f"point {i}: regime committed {pt['regime']!r}, now {now['regime']!r}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- measurement
 def _run_key(cfg: dict[str, Any]) -> tuple[str, int, float, int]:
     arm = "head" if cfg["target_modules"] == "lm_head" else "all"
@@ -223,9 +244,9 @@ def measure_sweep(sweep_dir: str | Path, reg: dict[str, Any], ctx: ContextSet | 
                 continue
             if arm == "all" and base is None:
                 base = _base_model()
-            fwd[(*i, j)], bwd[(*i, j)] = measure_adapter(ctx, ckpt, float(cfg["temperature"]), base)
-        with xr.open_dataset(path / "run.nc", engine="h5netcdf") as run:
-            reward[i] = float(run["reward"].sel(step=slice(STEPS // 2 + 1, STEPS)).mean())
+            model = base if arm == "all" else None  # head-only: float64 algebra on the factors, no forward
+            fwd[(*i, j)], bwd[(*i, j)] = measure_adapter(ctx, ckpt, float(cfg["temperature"]), model)
+        reward[i] = _late_reward(path / "run.nc")
     pred = np.full((2, len(ranks), len(lrs), len(steps)), np.nan)
     for a, r in enumerate(ranks):
         for b, lr in enumerate(lrs):
@@ -265,6 +286,15 @@ def measure_sweep(sweep_dir: str | Path, reg: dict[str, Any], ctx: ContextSet | 
         },
     )
     return ds
+
+
+def _late_reward(run_nc: Path) -> float:
+    """Mean of run.nc's `reward` over steps 7..12; read with h5netcdf alone (xarray would decode ~150 coordinates)."""
+    import h5netcdf
+
+    with h5netcdf.File(run_nc, "r") as f:
+        step, reward = f.variables["step"][:], f.variables["reward"][:]
+    return float(np.mean(reward[(step > STEPS // 2) & (step <= STEPS)]))
 
 
 def _base_model() -> Any:

@@ -199,7 +199,7 @@ def _print_outcome(outcome: SweepOutcome, description: str) -> None:
 
 def report_main(argv: list[str] | None = None) -> int:
     """`arca-lab report SWEEP_DIR`: re-combine the finished runs and re-execute the analysis notebook."""
-    from arca_lab.sweep.execute import execute_analysis
+    from arca_lab.sweep.execute import analysis_summary, execute_analysis
 
     p = _Parser(prog="arca-lab report", description=report_main.__doc__)
     p.add_argument("sweep_dir", type=Path, help="a directory written by `arca-lab sweep`")
@@ -238,4 +238,7 @@ def report_main(argv: list[str] | None = None) -> int:
         print(f"analysis notebook failed: {error.splitlines()[0]} (see {path})", file=sys.stderr)
         return 1
     print(f"\nanalysis: {path}" if path else "\nanalysis notebook not found: skipped")
+    summary = analysis_summary(out)
+    if summary:
+        print("\n" + summary, end="")
     return 0

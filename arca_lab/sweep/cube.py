@@ -111,11 +111,12 @@ def combine_runs(
             dict.fromkeys(str(n) for _, ds in runs if "layer" in ds.coords for n in ds["layer"].values)
         ),
     }
+    inner = {k: v for k, v in inner.items() if v}
     for dim in ("sample", "token", "eval_prompt"):
         sizes = [ds.sizes[dim] for _, ds in runs if dim in ds.sizes]
-        if sizes:
+        if sizes:  # kept when empty: runs with eval_prompts = 0 have a zero-length eval_prompt dimension
             inner[dim] = list(range(max(sizes)))
-    coords.update({k: v for k, v in inner.items() if v})
+    coords.update(inner)
 
     def positions(ds: xr.Dataset, dim: str) -> np.ndarray:
         if dim in ("step", "eval_step", "layer"):

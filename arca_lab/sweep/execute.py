@@ -341,6 +341,17 @@ def analysis_notebook(sweep_dir: Path) -> Path:
     return NOTEBOOK_DIR / own if own else ANALYSIS_NOTEBOOK
 
 
+SUMMARY = "summary.txt"
+"""Written by an analysis notebook that has verdicts to print (prediction_analysis.ipynb); `arca-lab report` and
+`arca-lab sweep` print it after the notebook ran."""
+
+
+def analysis_summary(sweep_dir: Path) -> str:
+    """The summary the analysis notebook wrote (SWEEP_DIR/summary.txt), or "" when it writes none."""
+    path = Path(sweep_dir) / SUMMARY
+    return path.read_text() if path.is_file() else ""
+
+
 def execute_analysis(sweep_dir: Path, notebook: Path | None = None) -> tuple[Path | None, str]:
     """Execute the analysis notebook into `sweep_dir/analysis.ipynb` (figures in `sweep_dir/figures`).
 
@@ -364,6 +375,7 @@ def execute_analysis(sweep_dir: Path, notebook: Path | None = None) -> tuple[Pat
     install_kernel(jupyter)  # (re)written: the report may run from another interpreter than the sweep did
     work = sweep_dir / ".work" / "analysis.ipynb"
     final = sweep_dir / "analysis.ipynb"
+    (sweep_dir / SUMMARY).unlink(missing_ok=True)  # a summary printed afterwards is this execution's
     try:
         with _stderr_to(sweep_dir / ".work" / "logs" / "analysis-kernel.log"):
             execute_notebook(notebook, work, params, jupyter, sweep_dir)

@@ -354,6 +354,8 @@ def run_sweep(
             path, analysis_error = ex.execute_analysis(out)
             if analysis_error:
                 log(f"analysis notebook failed: {analysis_error.splitlines()[0]} (see {path})")
+            elif ex.analysis_summary(out):
+                log(ex.analysis_summary(out).rstrip())
         seconds = time.perf_counter() - start
         session.update(
             seconds=round(seconds, 1),
