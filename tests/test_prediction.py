@@ -149,6 +149,14 @@ def test_median_rule_passes_within_2x_and_fails_at_3x(reg):
     bad = pc.evaluate(_fake(reg, 3.0))
     assert bad["median_err"] == pytest.approx(math.log10(3.0)) and not bad["median_pass"]
     assert "FAIL" in pc.format_summary(bad)
+    # mixed errors: 13 of 25 points at 1.5x and 12 at 100x; the median is the 13th smallest, log10 1.5, so the
+    # rule passes, where a mean (0.09 + 0.96 ~ 1.05 dex) or a max (2 dex) would fail
+    ds = _fake(reg, 1.5)
+    for p in reg["points"][:12]:
+        ds["kl_ref_theta"].loc[dict(arm="head", rank=p["rank"], lr=p["lr"], step=12)] *= 100 / 1.5
+    mixed = pc.evaluate(ds)
+    assert mixed["median_err"] == pytest.approx(math.log10(1.5)) and mixed["median_pass"]
+    assert sum(not r["pass"] for r in mixed["rows"]) == 12
 
 
 def test_baseline_rule_by_hand(reg):
@@ -160,6 +168,14 @@ def test_baseline_rule_by_hand(reg):
         ds["kl_ref_theta"].loc[dict(arm="head", rank=p["rank"], lr=p["lr"], step=12)] = 1e-3 * p["rank"]
     res = pc.evaluate(ds)
     assert res["median_err_baseline"] == pytest.approx(math.log10(2), abs=1e-12)
+    # a law off by 1.5x everywhere on the same data: median log10 1.5 = 0.176 <= 0.301 - 0.1, so it beats the baseline
+    off = copy.deepcopy(reg)
+    for p in off["points"]:
+        p["predicted"]["kl_ref_theta"] = 1.5e-3 * p["rank"]
+    assert pc.evaluate(ds, off)["baseline_pass"]
+    for p in off["points"]:  # off by 1.7x: 0.230 > 0.201, it no longer clears the 0.1 dex margin
+        p["predicted"]["kl_ref_theta"] = 1.7e-3 * p["rank"]
+    assert not pc.evaluate(ds, off)["baseline_pass"]
     perfect = pc.evaluate(_fake(reg, 1.0))
     assert perfect["baseline_pass"] and perfect["median_err"] == pytest.approx(0, abs=1e-12)
     blind_reg = copy.deepcopy(reg)  # a "law" that is the baseline itself cannot beat it by 0.1 dex
@@ -185,6 +201,9 @@ def test_nan_measurement_fails(reg):
     res = pc.evaluate(ds)
     row = next(r for r in res["rows"] if r["rank"] == 4 and r["lr"] == pr.LRS[0])
     assert not row["pass"] and math.isinf(row["err"])
+    # the other ranks at that lr keep a finite baseline (a NaN point fails alone)
+    same_lr = [r for r in res["rows"] if r["lr"] == pr.LRS[0] and r["rank"] != 4]
+    assert all(math.isfinite(r["err_baseline"]) for r in same_lr)
     assert pc.evaluate(ds)["gamma"]["small_step"]["verdict"] == "miss"
 
 
@@ -243,3 +262,32 @@ def test_measure_sweep_reads_every_checkpoint_on_the_fixed_rows(reg, tiny_model_
     wrong = dict(reg, contexts=dict(mine["contexts"], rms_radius=mine["contexts"]["rms_radius"] * 1.01))
     with pytest.raises(ValueError, match="re-register"):
         pr.measure_sweep(tmp_path / "sweep", wrong, ctx=ctx)
+
+
+def test_floor_exclusion_and_missing_seeds_are_reported(reg):
+    low = copy.deepcopy(reg)
+    low["points"][0]["predicted"]["kl_ref_theta"] = 5e-13  # below 10 x floor (1e-12): excluded, as registered
+    res = pc.evaluate(_fake(low, 1.0), low)
+    assert res["excluded"] == [(low["points"][0]["rank"], low["points"][0]["lr"])]
+    assert "excluded" in pc.format_summary(res)
+    text = pc.format_summary(pc.evaluate(_fake(reg, 1.0)))  # 4 of the 10 registered seeds
+    assert "INCOMPLETE: 4 of the 10 registered seeds" in text
+    full = pc.evaluate(_fake(reg, 1.0, seeds=tuple(reg["setup"]["seeds"])))
+    assert full["missing_seeds"] == [] and "INCOMPLETE" not in pc.format_summary(full)
+
+
+def test_head_delta_reads_rslora_scale(tiny_model_dir, tmp_path):
+    from arca_lab.analysis.heldout_contexts import head_delta
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"], use_rslora=True))
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_()
+    policy.save_pretrained(tmp_path / "rs", save_embedding_layers=False)
+    head = policy.base_model.model.lm_head
+    B, A = (m["default"].weight.detach().double().numpy() for m in (head.lora_B, head.lora_A))
+    np.testing.assert_allclose(
+        head_delta(tmp_path / "rs"), 8 / math.sqrt(4) * B @ A, rtol=1e-12
+    )  # α/√r, not α/r

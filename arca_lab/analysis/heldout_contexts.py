@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from arca_lab.analysis.heldout_kl import _completion_mask
-from arca_lab.models import base_head, lm_head_of
+from arca_lab.models import base_head, lm_head_of, logit_transform
 
 FP64_FLOOR = 1e-13
 """Numerical floor of one measured mean KL (float64): each of the V = 17 terms of Σ_v p_v (log p_v − log q_v)
@@ -61,6 +61,12 @@ class ContextSet:
 @torch.no_grad()
 def build_context_set(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> ContextSet:
     """Greedy completions of `prompts` by the (base) `model` and its lm_head inputs at the completion rows."""
+    head = base_head(model)
+    if getattr(head, "bias", None) is not None or logit_transform(model) != (1.0, None):
+        raise ValueError(
+            "the context set assumes logits = W₀x (no lm_head bias, logit scale or soft-capping): use "
+            "arca_lab.analysis.heldout_kl.measure_tokens for this model"
+        )
     model.eval()
     tokenizer.padding_side = "left"
     enc = tokenizer(text=prompts, return_tensors="pt", padding=True)
@@ -102,9 +108,14 @@ def head_delta(adapter_dir: str | Path) -> np.ndarray | None:
     """ΔW = s·B·A (V, d) float64 of lm_head from a saved peft adapter; None if lm_head is not adapted."""
     adapter_dir = Path(adapter_dir)
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern") if cfg.get(k)]
+    if unsupported:
+        raise ValueError(f"{adapter_dir}: {unsupported} set; ΔW = s·B·A with one r and α is all this reads")
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     a = [k for k in tensors if k.endswith("lm_head.lora_A.weight")]
     if not a:
+        if is_head_only(adapter_dir):
+            raise ValueError(f"{adapter_dir} targets lm_head but holds no lm_head.lora_A weight")
         return None
     A = tensors[a[0]].double().numpy()  # (r, d)
     B = tensors[a[0].replace("lora_A", "lora_B")].double().numpy()  # (V, r)
@@ -123,7 +134,8 @@ def is_head_only(adapter_dir: str | Path) -> bool:
 def measure_adapter(
     ctx: ContextSet, adapter_dir: str | Path, tau: float, base_model: Any = None
 ) -> tuple[float, float]:
-    """Exact float64 (KL(π_ref‖π_θ), KL(π_θ‖π_ref)) of the adapter in `adapter_dir`, mean over the context rows.
+    """Exact float64 (KL(π_ref‖π_θ), KL(π_θ‖π_ref)) of a plain LoRA adapter (no DoRA, one r and α) in
+    `adapter_dir`, mean over the context rows.
 
     Head-only adapters need no model (x_θ = x); any other adapter needs `base_model` (wrapped, then unwrapped).
     Given `base_model`, a head-only adapter also runs the forward (the tests compare the two paths).
