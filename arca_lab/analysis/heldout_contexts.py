@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 
 from arca_lab.analysis.heldout_kl import _completion_mask
 from arca_lab.models import base_head, lm_head_of, logit_transform
+from theory.bandit import kl_pair
 
 FP64_FLOOR = 1e-13
 """Numerical floor of one measured mean KL (float64): each of the V = 17 terms of Σ_v p_v (log p_v − log q_v)
@@ -95,13 +96,10 @@ def lm_head_inputs(model: Any, ids: torch.Tensor, attn: torch.Tensor) -> torch.T
 
 
 def kl_pair64(z_ref: np.ndarray, z_pol: np.ndarray) -> tuple[float, float]:
-    """(mean KL(π_ref‖π_θ), mean KL(π_θ‖π_ref)) over rows of two (N, V) float64 logit arrays already divided by τ."""
-    lp = z_ref - z_ref.max(1, keepdims=True)
-    lp -= np.log(np.exp(lp).sum(1, keepdims=True))
-    lq = z_pol - z_pol.max(1, keepdims=True)
-    lq -= np.log(np.exp(lq).sum(1, keepdims=True))
-    p, q = np.exp(lp), np.exp(lq)
-    return float(np.mean(np.sum(p * (lp - lq), 1))), float(np.mean(np.sum(q * (lq - lp), 1)))
+    """(mean KL(π_ref‖π_θ), mean KL(π_θ‖π_ref)) over rows of two (N, V) float64 logit arrays already divided by τ
+    (theory.bandit.kl_pair, the exact per-row KL of a logit shift)."""
+    fwd, bwd = kl_pair(z_ref, z_pol - z_ref)
+    return float(np.mean(fwd)), float(np.mean(bwd))
 
 
 def head_delta(adapter_dir: str | Path) -> np.ndarray | None:
