@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 from importlib import metadata
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -232,3 +233,28 @@ def load_run(path: str | Path) -> xr.Dataset:
     if hit is not None and path.exists() and _signature(path) == hit[0]:
         return hit[1].copy(deep=True)
     return xr.load_dataset(path, engine="h5netcdf")
+
+
+def load_run_variables(path: str | Path, names: Sequence[str]) -> xr.Dataset:
+    """Only `names` of a run.nc (data variables, coordinates, or both), with the dimension coordinates they use.
+
+    Equal to `load_run(path)` restricted to `names` (tests/test_run.py), decoded by xarray (`xr.decode_cf`) from
+    the same h5netcdf store, but opening just these variables: ~0.06 s against `load_run`'s ~0.4 s for the ~140
+    variables of a run (h5netcdf looks each one up ~20 times). Names the file lacks are left out, as `name in ds`
+    would say. For callers that read a few numbers of many runs (verify-bound in a sweep's analysis).
+    """
+    from xarray.backends.h5netcdf_ import H5NetCDFStore
+
+    path = Path(path)
+    store = H5NetCDFStore.open(path / "run.nc" if path.is_dir() else path, "r")
+    try:
+        have = store.ds.variables
+        wanted = [n for n in dict.fromkeys(names) if n in have]
+        dims = dict.fromkeys(d for n in wanted for d in have[n].dimensions)
+        wanted += [d for d in dims if d in have and d not in wanted]
+        raw = xr.Dataset(
+            {n: store.open_store_variable(n, have[n]) for n in wanted}, attrs=dict(store.get_attrs())
+        )
+        return xr.decode_cf(raw).load()
+    finally:
+        store.close()

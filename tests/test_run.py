@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from arca_lab.cli import main
 from arca_lab.config import make_config
 from arca_lab.exit_codes import EX_USAGE
-from arca_lab.results import load_run
+from arca_lab.results import load_run, load_run_variables
 from arca_lab.run import train
 from arca_lab.testing import make_tiny_causal_lm
 
@@ -231,7 +231,15 @@ def test_a_run_read_back_in_its_process_is_the_file(tiny_model_dir, tmp_path):
     out = train(
         make_config(model=str(tiny_model_dir), rank=2, out=str(tmp_path / "r"), **TINY), progress=False
     )
-    xr.testing.assert_identical(load_run(out), xr.load_dataset(out / "run.nc", engine="h5netcdf"))
+    full = xr.load_dataset(out / "run.nc", engine="h5netcdf")
+    xr.testing.assert_identical(load_run(out), full)
+    # a few variables read alone (verify-bound's inputs): the same values, attrs, dims and coordinates
+    names = ["learning_rate", "a0_op", "w_lm_op_norm", "lr", "lr_schedule", "grad_clip", "rank", "no_such"]
+    part = load_run_variables(out, names)
+    expected = full[["learning_rate", "a0_op", "w_lm_op_norm"]].reset_coords(drop=True)
+    expected = expected.assign_coords({n: full[n].variable for n in ("lr", "lr_schedule", "grad_clip", "rank")})
+    xr.testing.assert_identical(part, expected)
+    assert part["lr_schedule"].dtype.kind == "U" and part["layer"].dtype.kind == "U"  # decoded, not bytes
     (out / "run.nc").write_bytes(b"truncated")  # a changed file is read again, never served from memory
     with pytest.raises(OSError):
         load_run(out)

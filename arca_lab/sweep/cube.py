@@ -103,12 +103,12 @@ def combine_runs(
     shape = tuple(len(coords[a]) for a in axes)
     where = [tuple(coords[a].index(p[a]) for a in axes) for p, _ in runs]
     inner = {  # per-run dims: union of step values and layer names; ranges for the rest
-        "step": sorted({int(s) for _, ds in runs for s in ds["step"].values}),
+        "step": sorted({int(s) for _, ds in runs for s in ds.variables["step"].values}),
         "eval_step": sorted(
-            {int(s) for _, ds in runs if "eval_step" in ds.coords for s in ds["eval_step"].values}
+            {int(s) for _, ds in runs if "eval_step" in ds.coords for s in ds.variables["eval_step"].values}
         ),
         "layer": list(
-            dict.fromkeys(str(n) for _, ds in runs if "layer" in ds.coords for n in ds["layer"].values)
+            dict.fromkeys(str(n) for _, ds in runs if "layer" in ds.coords for n in ds.variables["layer"].values)
         ),
     }
     inner = {k: v for k, v in inner.items() if v}
@@ -122,20 +122,23 @@ def combine_runs(
         if dim in ("step", "eval_step", "layer"):
             lookup = {v: i for i, v in enumerate(inner[dim])}
             conv = str if dim == "layer" else int
-            return np.array([lookup[conv(v)] for v in ds[dim].values], dtype=int)
+            return np.array([lookup[conv(v)] for v in ds.variables[dim].values], dtype=int)
         return np.arange(ds.sizes[dim])
 
+    # `ds.variables[name]` (a Variable) rather than `ds[name]`: a DataArray carries the ~60 scalar config
+    # coordinates, and building 25 000 of them was most of the combine's own time.
     data_vars: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
     for name in dict.fromkeys(v for _, ds in runs for v in ds.data_vars):
-        dims = next(ds[name].dims for _, ds in runs if name in ds)
+        dims = next(ds.variables[name].dims for _, ds in runs if name in ds)
         arr = np.full(shape + tuple(len(coords[d]) for d in dims), np.nan)
         for (_, ds), pos in zip(runs, where, strict=True):
             if name not in ds:
                 continue
+            values = ds.variables[name].values
             if dims:
-                arr[pos][np.ix_(*(positions(ds, d) for d in dims))] = ds[name].values
+                arr[pos][np.ix_(*(positions(ds, d) for d in dims))] = values
             else:
-                arr[pos] = ds[name].values
+                arr[pos] = values
         data_vars[name] = (axes + dims, arr)
 
     cube = xr.Dataset(data_vars, coords=coords)
@@ -150,10 +153,10 @@ def combine_runs(
         run_id=(axes, run_ids.astype(str)), has_run=(axes, (run_ids != "").astype(np.int8))
     )
     config_names = dict.fromkeys(
-        k for _, ds in runs for k, c in ds.coords.items() if c.ndim == 0 and k not in axes
+        k for _, ds in runs for k in ds.coords if ds.variables[k].ndim == 0 and k not in axes
     )
     for key in config_names:
-        values = [ds.coords[key].item() if key in ds.coords else None for _, ds in runs]
+        values = [ds.variables[key].values.item() if key in ds.coords else None for _, ds in runs]
         if None not in values and _same(values):
             cube = cube.assign_coords({key: values[0]})
             continue
