@@ -22,9 +22,9 @@ import json
 import os
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np

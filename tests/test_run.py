@@ -237,7 +237,9 @@ def test_a_run_read_back_in_its_process_is_the_file(tiny_model_dir, tmp_path):
     names = ["learning_rate", "a0_op", "w_lm_op_norm", "lr", "lr_schedule", "grad_clip", "rank", "no_such"]
     part = load_run_variables(out, names)
     expected = full[["learning_rate", "a0_op", "w_lm_op_norm"]].reset_coords(drop=True)
-    expected = expected.assign_coords({n: full[n].variable for n in ("lr", "lr_schedule", "grad_clip", "rank")})
+    expected = expected.assign_coords(
+        {n: full[n].variable for n in ("lr", "lr_schedule", "grad_clip", "rank")}
+    )
     xr.testing.assert_identical(part, expected)
     assert part["lr_schedule"].dtype.kind == "U" and part["layer"].dtype.kind == "U"  # decoded, not bytes
     (out / "run.nc").write_bytes(b"truncated")  # a changed file is read again, never served from memory

@@ -141,7 +141,17 @@ class BoundRow:
 
 RUN_INPUTS = (
     *("learning_rate", "layer", "a0_op", "vocab_size", "d_model", "w_lm_op_norm"),
-    *("lr", "lr_schedule", "steps", "warmup_steps", "rank", "lora_alpha", "scaling", "optimizer", "grad_clip"),
+    *(
+        "lr",
+        "lr_schedule",
+        "steps",
+        "warmup_steps",
+        "rank",
+        "lora_alpha",
+        "scaling",
+        "optimizer",
+        "grad_clip",
+    ),
     *("adam_beta1", "adam_beta2", "adam_eps", "weight_decay"),
 )
 """What `bound_rows` reads of a run.nc (variables and config coordinates); `verify_run` loads only these."""

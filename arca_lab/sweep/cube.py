@@ -108,7 +108,9 @@ def combine_runs(
             {int(s) for _, ds in runs if "eval_step" in ds.coords for s in ds.variables["eval_step"].values}
         ),
         "layer": list(
-            dict.fromkeys(str(n) for _, ds in runs if "layer" in ds.coords for n in ds.variables["layer"].values)
+            dict.fromkeys(
+                str(n) for _, ds in runs if "layer" in ds.coords for n in ds.variables["layer"].values
+            )
         ),
     }
     inner = {k: v for k, v in inner.items() if v}
