@@ -9,7 +9,8 @@ How this departs from textbook GRPO (TRL 1.16 `GRPOTrainer`):
    into `inputs["advantages"]` when the backbone returns, before TRL's `_compute_loss` reads them.
 3. One shared base pass. When anything needs the base model (arca, divergence, the KL probe, or beta > 0), one
    no-grad backbone forward with the adapter disabled runs per generation batch; its last-layer states serve all
-   of them, and TRL's own reference pass is skipped (`beta` is hidden from it for that call).
+   of them, and TRL's own reference pass is skipped (`beta` is hidden from it for that call). With LoRA on lm_head
+   only (and beta = 0) not even that: the backbone is the base model's, so its states come from the loss forward.
 4. Credit is never stale. Base states never change (the base is frozen) and adapted quantities come from the loss
    forward, so the weights follow the current policy whatever `num_iterations` / `steps_per_generation`.
 5. LoRA on lm_head is trained. TRL's fused LM head multiplies by `lm_head.weight`, which for a peft layer is the
@@ -219,6 +220,14 @@ class ArcaGRPOTrainer(GRPOTrainer):
                 "adapt layers inside the model (target_modules='all-linear') for ARCA to carry a signal",
                 stacklevel=2,
             )
+        # Head-only LoRA (nothing below lm_head adapted): the policy's backbone states are the base model's, so a
+        # base pass would recompute what the loss forward already holds (the full sweep's head-only runs measured
+        # ||h_adapted - h_base|| = 0 exactly, at ~25 % of an ARCA or divergence run's time). Credit and probe then
+        # read the base states off the loss (or measurement) forward, on the same rows. Not with beta > 0: TRL's
+        # reference log-probs are needed before the loss forward.
+        self._base_is_backbone = (
+            self._needs_base and self._is_peft and self.beta == 0.0 and not self._backbone_adapted(policy)
+        )
         self._transform = logit_transform(policy)  # softcap / logit scale, as TRL's fused head applies them
         self._head_w32: torch.Tensor | None = (
             None  # float32 copy of the frozen output weight, made on first use
@@ -260,6 +269,7 @@ class ArcaGRPOTrainer(GRPOTrainer):
         if self._needs_base:
             B = out["completion_ids"].size(0)
             out["probe_rows"], out["base_rows"] = self._probe_rows(B)  # (B,) bool each
+        if self._needs_base and not self._base_is_backbone:  # head-only: from the loss forward instead
             out["base_hidden"], layer_states = self._base_pass(
                 out, out["base_rows"]
             )  # (B, T, d), (B, L, T, d)
@@ -446,14 +456,18 @@ class ArcaGRPOTrainer(GRPOTrainer):
         ids, mask = inputs["completion_ids"], inputs["completion_mask"]  # (B, T)
         T = ids.size(1)
         h_last = store["last"][:, -T - 1 : -1]  # (B, T, d): input of lm_head at positions predicting y_t
+        no_rows = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
+        base_rows = inputs.get("base_rows", no_rows)
         h_base_last = inputs.get("base_hidden")  # (B, T, d) or None
+        if self._base_is_backbone:  # head-only: what the base pass would return (NaN off its rows)
+            h_base_last = _keep_rows(h_last, base_rows)
         if self._layers:  # ARCA on chosen decoder layers: (L, B, T, d)
             h_adapted, h_base = self._layer_states(store, T).transpose(0, 1), inputs.get("base_layer_states")
+            if self._base_is_backbone:
+                h_base = _keep_rows(h_adapted.transpose(0, 1), base_rows)
             h_base = None if h_base is None else h_base.transpose(0, 1)
         else:
             h_adapted, h_base = h_last, h_base_last
-        no_rows = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
-        base_rows = inputs.get("base_rows", no_rows)
         probe_rows = inputs.get("probe_rows", no_rows)
         stats = self._head_stats(h_last, h_base_last, ids, mask, base_rows)
         # arca_branch: ||J_N(u_t) D_t||, the residual writers' LoRA outputs through the final norm's Jacobian: the
@@ -570,6 +584,9 @@ class ArcaGRPOTrainer(GRPOTrainer):
             "credit_and_probe_forward": "separate no-grad forward"
             if self.loss_dropout
             else "the loss forward",
+            "base_states": "the credit/probe forward's own (no adapter below lm_head)"
+            if self._base_is_backbone
+            else "one no-grad base pass per generation batch, adapter disabled",
             "logits_dtype": "float32 (from hidden states in the model dtype)",
             "logit_transform": {"logit_scale": scale, "final_logit_softcapping": cap},
             "probe_rows": f"every {cfg.kl_probe_every or self.num_generations}-th completion"
@@ -872,6 +889,11 @@ def _scatter_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     full = x.new_full((rows.numel(), *x.shape[1:]), float("nan"))
     full[rows] = x
     return full
+
+
+def _keep_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> the same with NaN off `rows` (B,), as `_scatter_rows` of the selected rows returns it."""
+    return torch.where(rows.view(-1, *([1] * (x.dim() - 1))), x, torch.nan)
 
 
 def _first(output: Any) -> torch.Tensor:

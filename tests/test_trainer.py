@@ -133,6 +133,38 @@ def test_arca_on_a_head_only_adapter_warns_and_is_uniform(tiny_model_dir, tmp_pa
     torch.testing.assert_close(w[mask], 1.0 / lengths[mask].float())  # 1/T_i on every token
 
 
+@pytest.mark.parametrize("credit", ["divergence", "uniform"])
+def test_head_only_base_states_come_from_the_loss_forward(tiny_model_dir, tmp_path, credit):
+    """No adapter below lm_head: no base pass runs, and credit weights, scores and the KL probe on its rows are
+    bitwise those of a trainer that runs the base pass (divergence: every row; uniform: the probe rows)."""
+    batches, counts = {}, {}
+    for mode in ("reused", "base pass"):
+        trainer, rows = make_trainer(
+            tiny_model_dir, tmp_path / mode, credit=credit, target_modules="lm_head", perturb_b=0.5
+        )
+        assert trainer._base_is_backbone
+        trainer._base_is_backbone = mode == "reused"
+        inputs = one_batch(trainer, rows)
+        assert ("base_hidden" in inputs) == (mode == "base pass")
+        trainer.compute_loss(trainer.model, inputs)
+        batches[mode], counts[mode] = trainer.last_batch, dict(trainer.forward_counts)
+    assert counts == {
+        "reused": {"base": 0, "loss": 1, "measure": 0},
+        "base pass": {"base": 1, "loss": 1, "measure": 0},
+    }
+    assert batches["reused"].keys() == batches["base pass"].keys()
+    for key, value in batches["reused"].items():
+        assert torch.equal(value.isnan(), batches["base pass"][key].isnan()), key  # the same rows measured
+        assert torch.equal(value.nan_to_num(), batches["base pass"][key].nan_to_num()), key
+    probe = batches["reused"]["kl_ref_policy"]
+    assert probe.isfinite().any() and (probe.nan_to_num() > 0).any()  # the probe measured something
+
+
+def test_all_linear_keeps_its_base_pass(tiny_model_dir, tmp_path):
+    trainer, _ = make_trainer(tiny_model_dir, tmp_path, credit="divergence", target_modules="all-linear")
+    assert not trainer._base_is_backbone
+
+
 class _ForwardCounter:
     """Counts backbone forwards outside generation (generate's own forwards are the rollout, not ours)."""
 
