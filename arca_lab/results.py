@@ -236,12 +236,15 @@ def load_run(path: str | Path) -> xr.Dataset:
 
 
 def load_run_variables(path: str | Path, names: Sequence[str]) -> xr.Dataset:
-    """Only `names` of a run.nc (data variables, coordinates, or both), with the dimension coordinates they use.
+    """Only `names` of a run.nc (data variables and config coordinates), with the dimension coordinates they use.
 
-    Equal to `load_run(path)` restricted to `names` (tests/test_run.py), decoded by xarray (`xr.decode_cf`) from
-    the same h5netcdf store, but opening just these variables: ~0.06 s against `load_run`'s ~0.4 s for the ~140
-    variables of a run (h5netcdf looks each one up ~20 times). Names the file lacks are left out, as `name in ds`
-    would say. For callers that read a few numbers of many runs (verify-bound in a sweep's analysis).
+    Decoded by xarray (`xr.decode_cf`) from the h5netcdf store `load_run` reads, so values, dtypes and attrs are
+    `load_run`'s (tests/test_run.py), but only these variables are opened: ~0.06 s against ~0.4 s for the ~140
+    variables of a whole run (h5netcdf looks each one up ~20 times). What differs from `load_run(path)[names]`:
+    coordinates not in `names` are left out, and a config value in `names` is a coordinate only when a requested
+    data variable lists it (every run.nc data variable lists them all); alone, it comes back as a data variable.
+    Names the file lacks are left out, as `name in ds` would say. For callers that read a few numbers of many runs
+    (verify-bound in a sweep's analysis).
     """
     from xarray.backends.h5netcdf_ import H5NetCDFStore
 

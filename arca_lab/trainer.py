@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from peft import get_peft_model
+from peft import PeftType, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from trl import GRPOConfig, GRPOTrainer
@@ -223,10 +223,18 @@ class ArcaGRPOTrainer(GRPOTrainer):
         # Head-only LoRA (nothing below lm_head adapted): the policy's backbone states are the base model's, so a
         # base pass would recompute what the loss forward already holds (the full sweep's head-only runs measured
         # ||h_adapted - h_base|| = 0 exactly, at ~25 % of an ARCA or divergence run's time). Credit and probe then
-        # read the base states off the loss (or measurement) forward, on the same rows. Not with beta > 0: TRL's
-        # reference log-probs are needed before the loss forward.
+        # read the base states off the loss (or measurement) forward, on the same rows. Only when that is exact:
+        # LoRA adapters only (no prompt tuning or other peft method), no trainable backbone parameter (e.g.
+        # modules_to_save), no mixed precision (TRL's loss forward runs under autocast, the base pass does not),
+        # and beta = 0 (TRL's reference log-probs are needed before the loss forward).
         self._base_is_backbone = (
-            self._needs_base and self._is_peft and self.beta == 0.0 and not self._backbone_adapted(policy)
+            self._needs_base
+            and self._is_peft
+            and self.beta == 0.0
+            and self.accelerator.mixed_precision == "no"
+            and all(c.peft_type == PeftType.LORA for c in policy.peft_config.values())
+            and not self._backbone_adapted(policy)
+            and not any(p.requires_grad for p in self._backbone.parameters())
         )
         self._transform = logit_transform(policy)  # softcap / logit scale, as TRL's fused head applies them
         self._head_w32: torch.Tensor | None = (
@@ -584,7 +592,9 @@ class ArcaGRPOTrainer(GRPOTrainer):
             "credit_and_probe_forward": "separate no-grad forward"
             if self.loss_dropout
             else "the loss forward",
-            "base_states": "the credit/probe forward's own (no adapter below lm_head)"
+            "base_states": "none (no credit, probe or beta needs them)"
+            if not self._needs_base
+            else "the credit/probe forward's own (no adapter below lm_head)"
             if self._base_is_backbone
             else "one no-grad base pass per generation batch, adapter disabled",
             "logits_dtype": "float32 (from hidden states in the model dtype)",

@@ -182,41 +182,43 @@ import gc
 import sys
 import weakref
 
+from IPython.core.interactiveshell import InteractiveShell
+
 import arca_lab.sweep.kernel as k
 
-class Shell:  # IPython's reset: clear the user namespace, then collect (its output-cache flush)
-    def __init__(self):
-        self.user_ns = {}
-    def reset(self, new_session=True):
-        self.user_ns.clear()
-        gc.collect()
 
 class Node:
     pass
 
-def cycle():
-    a, b = Node(), Node()
-    a.b, b.a = b, a  # only the cycle collector frees it, as a run's model and trainer graph
-    return a
 
-shell = Shell()
+def cycle(namespace=None):
+    a, b = Node(), Node()
+    a.b, b.a = b, a  # only the cycle collector frees it, as a notebook's figures or a run's model graph
+    if namespace is not None:
+        namespace["fig"] = a  # held by the notebook's namespace until the next reset
+    return weakref.ref(a)
+
+
+freezes = []
+freeze = gc.freeze
+gc.freeze = lambda: (freezes.append(len(sys.modules)), freeze())[1]
+
+shell = InteractiveShell.instance()  # the real reset: it collects, then clears the namespace
 k.fresh_namespace(shell)
-first = gc.get_freeze_count()
-shell.user_ns["run1"] = cycle()
-dead1 = weakref.ref(shell.user_ns["run1"])
-sys.modules["_imported_by_run1"] = type(sys)("_imported_by_run1")  # the run imported a module: freeze again
+frozen = gc.get_freeze_count()
+dead1 = cycle(shell.user_ns)
+sys.modules["_imported_by_run1"] = type(sys)("_imported_by_run1")  # run 1 imported a module: freeze again
 k.fresh_namespace(shell)
-second = gc.get_freeze_count()
-shell.user_ns["run2"] = cycle()
-dead2 = weakref.ref(shell.user_ns["run2"])
-k.fresh_namespace(shell)
-print(first > 0, second > first, gc.get_freeze_count() == second, dead1() is None, dead2() is None)
+dead2 = cycle()  # run 2's garbage, made after the freeze
+k.fresh_namespace(shell)  # no module added: no freeze
+gc.collect()  # what accelerate does at the end of the next trainer.train()
+print(frozen > 0, len(freezes) == 2, freezes[-1] > freezes[0], dead1() is None, dead2() is None)
 """
 
 
 def test_a_warm_kernel_freezes_imports_but_still_collects_each_runs_objects():
-    """fresh_namespace freezes what is alive after the reset (imports), again only when modules were added; a
-    run's reference cycles are still collected by the next reset (freezing before the reset would keep them)."""
+    """fresh_namespace freezes what is alive after IPython's reset (imports), again only when modules were added;
+    the last notebook's reference cycles are not frozen with them, and a later run's cycles are still collected."""
     import subprocess
 
     out = subprocess.run([sys.executable, "-c", _FREEZE_CHECK], capture_output=True, text=True, check=True)

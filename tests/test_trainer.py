@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -133,15 +134,27 @@ def test_arca_on_a_head_only_adapter_warns_and_is_uniform(tiny_model_dir, tmp_pa
     torch.testing.assert_close(w[mask], 1.0 / lengths[mask].float())  # 1/T_i on every token
 
 
-@pytest.mark.parametrize("credit", ["divergence", "uniform"])
-def test_head_only_base_states_come_from_the_loss_forward(tiny_model_dir, tmp_path, credit):
+@pytest.mark.parametrize(
+    "credit, extra", [("divergence", {}), ("uniform", {}), ("arca", {"arca_layers": "all"})]
+)
+def test_head_only_base_states_come_from_the_loss_forward(tiny_model_dir, tmp_path, credit, extra):
     """No adapter below lm_head: no base pass runs, and credit weights, scores and the KL probe on its rows are
-    bitwise those of a trainer that runs the base pass (divergence: every row; uniform: the probe rows)."""
+    bitwise those of a trainer that runs the base pass (divergence, arca: every row; uniform: the probe rows;
+    arca over all decoder layers: their states too)."""
     batches, counts = {}, {}
     for mode in ("reused", "base pass"):
-        trainer, rows = make_trainer(
-            tiny_model_dir, tmp_path / mode, credit=credit, target_modules="lm_head", perturb_b=0.5
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=".*lm_head only.*"
+            )  # ARCA == uniform here: tested above
+            trainer, rows = make_trainer(
+                tiny_model_dir,
+                tmp_path / mode,
+                credit=credit,
+                target_modules="lm_head",
+                perturb_b=0.5,
+                **extra,
+            )
         assert trainer._base_is_backbone
         trainer._base_is_backbone = mode == "reused"
         inputs = one_batch(trainer, rows)
@@ -163,6 +176,35 @@ def test_head_only_base_states_come_from_the_loss_forward(tiny_model_dir, tmp_pa
 def test_all_linear_keeps_its_base_pass(tiny_model_dir, tmp_path):
     trainer, _ = make_trainer(tiny_model_dir, tmp_path, credit="divergence", target_modules="all-linear")
     assert not trainer._base_is_backbone
+
+
+def test_head_only_training_without_the_base_pass_is_unchanged(tiny_model_dir, tmp_path):
+    """Through TRL's loop (a shuffled generation batch split into 2 micro-batches, 3 optimiser steps): every logged
+    metric and the last batch's tensors of a head-only divergence run equal the same run with the base pass
+    forced, and the adapter moved (the probe compares two different policies)."""
+    logs, batches = {}, {}
+    for mode in ("reused", "base pass"):
+        trainer, _ = make_trainer(
+            tiny_model_dir,
+            tmp_path / mode,
+            credit="divergence",
+            target_modules="lm_head",
+            grad_accum=2,
+            steps=3,
+            lr=0.05,
+        )
+        trainer._base_is_backbone = mode == "reused"
+        trainer.train()
+        logs[mode] = [
+            {k: v for k, v in log.items() if "_per_second" not in k and "time" not in k}
+            for log in trainer.state.log_history
+        ]
+        batches[mode] = trainer.last_batch
+        assert trainer.forward_counts["base"] == (0 if mode == "reused" else 3)
+    assert logs["reused"] == logs["base pass"]
+    for key, value in batches["reused"].items():
+        assert torch.equal(value.nan_to_num(), batches["base pass"][key].nan_to_num()), key
+    assert max(log.get("kl/ref_policy/max", 0.0) for log in logs["reused"]) > 0
 
 
 class _ForwardCounter:

@@ -87,12 +87,15 @@ def fresh_namespace(shell: Any) -> None:
     # Namespace cleared, execution counter back to 1; its output-cache flush runs gc.collect() (~0.25 s), which
     # frees the last run's model and trainer (reference cycles) before the next one loads.
     shell.reset(new_session=True)
-    # What is alive now is mostly imported modules (~0.5 M objects once torch, transformers, trl and peft are in),
-    # which every later collection would scan again: ~0.22 s each for this reset's and for the one accelerate runs
-    # at the end of every `trainer.train()`. gc.freeze() moves them to the permanent generation, so a collection
-    # scans only what later runs allocate. Frozen again whenever a run imported more modules; a frozen object is
-    # still freed when its reference count drops, only a reference cycle among frozen objects is never collected.
+    # Imported modules are most of what is alive (~0.5 M objects once torch, transformers, trl and peft are in),
+    # and every collection scans them again: ~0.22 s each for the next reset's and for the one accelerate runs at
+    # the end of every `trainer.train()`. gc.freeze() moves what is alive to the permanent generation, so later
+    # collections scan only what later runs allocate. IPython's reset collects *before* it clears the namespace,
+    # so the last notebook's cycles (its figures, ...) are garbage only now: collect them first, or they would be
+    # frozen for good. Done again only when a run imported more modules (a second collection, ~0.22 s); a frozen
+    # object is still freed when its reference count drops, only a cycle among frozen objects is never collected.
     if len(sys.modules) != _state["frozen_modules"]:
+        gc.collect()
         gc.freeze()
         _state["frozen_modules"] = len(sys.modules)
     # "Warn once" state: a library that stops invalidating these registries would hide a warning from every
