@@ -177,6 +177,7 @@ def round_costs(monkeypatch):
     for key, value in ROUND_COST.items():
         monkeypatch.setitem(COST, key, value)
     monkeypatch.setitem(CREDIT_FACTOR, "arca", 1.5)
+    monkeypatch.setitem(sweep_cost.HEAD_CREDIT_FACTOR, "arca", 1.5)  # head-only credits have their own table
     monkeypatch.setitem(ARM_FACTOR, "lm_head", 0.5)
     monkeypatch.setattr(sweep_cost, "BETA_FACTOR", 2.0)
     monkeypatch.setattr(sweep_cost, "ESTIMATE_RANGE", (0.8, 1.5))

@@ -29,27 +29,30 @@ from arca_lab.config import RunConfig
 from arca_lab.sweep.clock import FirstStep
 
 COST = dict(
-    # Measured with benchmarks/bench_sweep.py in default sweeps on the 2-core project machine (torch 2.13 CPU,
-    # 2 workers x 1 thread, warm kernels; per-run medians of the executed notebooks and run.nc step times).
+    # Measured with benchmarks/bench_sweep.py on the 2-core project machine (torch 2.13 CPU, 2 workers x 1 thread,
+    # warm kernels; per-run medians of the executed notebooks and run.nc step times), recalibrated on the full
+    # preset of 1 Dec 2026 (300 runs, 24.9 min, idle cores: benchmarks/sweep_timing.md).
     kernel=9.0,  # once per kernel: its start 2 s + imports of torch/transformers/trl/peft 5-6 s, two at once
-    notebook=1.4,  # per run in a warm kernel: namespace reset, figures, papermill (run.nc is not read back)
-    setup=0.9,  # model load, trainer construction, writing adapter + run.nc
-    # step seconds per sampled completion: 0.86 s per step of 16 x 8 (arm all, uniform); recalibrated on the
-    # full preset's ranks 4-32 (180 runs, 30 Nov 2026; ranks 1-2 ran beside a compile job and are left out)
-    per_completion=0.0067,
+    notebook=0.55,  # per run in a warm kernel: namespace reset (0.03 s: imports frozen), figures 0.45, papermill
+    setup=0.6,  # model load, trainer construction, writing adapter + run.nc
+    # step seconds per sampled completion: 0.74 s per step of 16 x 8 (arm all, uniform; median of steps 2-12 over
+    # the 60 such runs). The 30 Nov full sweep measured 0.84 s at ranks 4-32 (0.0067): the machine's own spread.
+    per_completion=0.0058,
     per_eval_sequence=0.0018,  # one greedy or sampled held-out completion
     build=60.0,  # the embedded base-model build when not cached (61.5 s on idle cores; it stops at an accuracy)
     startup=5.0,  # runner imports, kernelspec, worker processes
     combine=5.0,  # ending the workers and their kernels, starting the processes that read the runs ...
-    combine_per_run=0.23,  # ... reading run.nc files into sweep.nc on 2 processes (0.36 s per file on one)
-    analysis=36.0,  # the analysis notebook's fixed part (136 s for the 300-run full sweep, 100 s of it verify) ...
-    analysis_per_run=0.33,  # ... plus verify-bound on 8 held-out prompts per run, on 2 processes (0.7 s on one)
+    combine_per_run=0.2,  # ... reading run.nc files into sweep.nc on 2 processes (0.36 s per file on one)
+    analysis=30.0,  # the analysis notebook's fixed part (76 s for the 300-run full sweep, 43 s of it verify) ...
+    analysis_per_run=0.15,  # ... plus verify-bound on 8 held-out prompts per run, on 2 processes (0.3 s on one)
 )
-CREDIT_FACTOR = {"surprisal": 1.1, "entropy_reduction": 1.1, "divergence": 1.1, "arca": 1.15}
-"""Step-time multiplier per credit relative to uniform (arca: one extra no-grad base forward); measured
-1.0-1.15 next to a concurrent uniform run, noisy."""
-ARM_FACTOR = {"lm_head": 0.55}
-"""Step-time multiplier for head-only LoRA (0.42 s vs 0.75-0.83 s per step measured: no adapter in the layers)."""
+CREDIT_FACTOR = {"divergence": 1.16, "arca": 1.14, "entropy_reduction": 1.02}
+"""Step-time multiplier per credit relative to uniform, all-linear LoRA (divergence and arca: one extra no-grad
+base forward over every row); medians of the full preset's steps 2-12, 1 Dec 2026 (surprisal 0.98: 1)."""
+HEAD_CREDIT_FACTOR = {"entropy_reduction": 1.04}
+"""The same for head-only LoRA, which needs no base pass (its backbone is the base model's): 1.0-1.04 measured."""
+ARM_FACTOR = {"lm_head": 0.49}
+"""Step-time multiplier for head-only LoRA (0.36 s vs 0.74 s per step, uniform: no adapter in the layers)."""
 BETA_FACTOR = 1.15
 """Step-time multiplier when beta > 0 (TRL's reference forward with the adapter disabled): 1.14x CPU time
 measured by benchmarks/bench_credit.py."""
@@ -92,7 +95,7 @@ def step_factor(cfg: RunConfig) -> float:
     """Relative cost of one optimiser step of `cfg` (completions x credit, arm, beta factors / thread speed-up)."""
     return (
         cfg.batch_completions
-        * CREDIT_FACTOR.get(cfg.credit, 1.0)
+        * (HEAD_CREDIT_FACTOR if cfg.target_modules == "lm_head" else CREDIT_FACTOR).get(cfg.credit, 1.0)
         * ARM_FACTOR.get(cfg.target_modules, 1.0)
         * (BETA_FACTOR if cfg.beta > 0 else 1.0)
         / thread_speedup(cfg.threads or 2)
