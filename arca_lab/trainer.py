@@ -468,11 +468,11 @@ class ArcaGRPOTrainer(GRPOTrainer):
         base_rows = inputs.get("base_rows", no_rows)
         h_base_last = inputs.get("base_hidden")  # (B, T, d) or None
         if self._base_is_backbone:  # head-only: what the base pass would return (NaN off its rows)
-            h_base_last = _keep_rows(h_last, base_rows)
+            h_base_last = _scatter_rows(h_last[base_rows], base_rows)
         if self._layers:  # ARCA on chosen decoder layers: (L, B, T, d)
             h_adapted, h_base = self._layer_states(store, T).transpose(0, 1), inputs.get("base_layer_states")
             if self._base_is_backbone:
-                h_base = _keep_rows(h_adapted.transpose(0, 1), base_rows)
+                h_base = _scatter_rows(h_adapted.transpose(0, 1)[base_rows], base_rows)
             h_base = None if h_base is None else h_base.transpose(0, 1)
         else:
             h_adapted, h_base = h_last, h_base_last
@@ -899,11 +899,6 @@ def _scatter_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     full = x.new_full((rows.numel(), *x.shape[1:]), float("nan"))
     full[rows] = x
     return full
-
-
-def _keep_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """(B, ...) -> the same with NaN off `rows` (B,), as `_scatter_rows` of the selected rows returns it."""
-    return torch.where(rows.view(-1, *([1] * (x.dim() - 1))), x, torch.nan)
 
 
 def _first(output: Any) -> torch.Tensor:
